@@ -1,0 +1,45 @@
+"""Builds Ray Tune's ``OptunaSearch`` for a space: sampler, start points, optional storage.
+
+Kept apart from ``space.py`` so that loading and validating a space never imports Ray.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search_spaces.space import SpaceSpec
+
+
+def build_searcher(space: "SpaceSpec", metric: str | list[str], mode: str | list[str],
+                   storage_url: str | None, study_name: str) -> "OptunaSearch":
+    """``OptunaSearch(space.define_by_run, ...)`` with the space's sampler and points.
+
+    Ray 2.60's ``OptunaSearch`` creates the study itself (``load_if_exists=True``) from
+    ``storage`` (an ``optuna.storages.BaseStorage`` instance, not a URL) and ``study_name``,
+    and enqueues every start point with ``study.enqueue_trial``; so when the study already
+    exists in the storage (a resumed study) the points are left out, since their waiting or
+    finished trials are in the storage already.
+    """
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = space.searcher_spec
+    if cfg.kind == "tpe":
+        extra = {"multivariate": True, "group": True} if cfg.group else {}
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
+            seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, **extra)
+    elif cfg.kind == "random":
+        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+    else:
+        sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed,
+                                                population_size=cfg.population_size)
+    storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
+    points = space.points()
+    if storage is not None and study_name in optuna.study.get_all_study_names(storage):
+        points = []
+    return OptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
+                        points_to_evaluate=points or None, sampler=sampler,
+                        study_name=study_name, storage=storage)

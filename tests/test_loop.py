@@ -1,0 +1,139 @@
+"""End to end on SciFact with the frozen packaged MiniLM (cached base features).
+
+These are the pipeline's acceptance checks: the zero-shot baseline reproduces MTEB's
+0.645, a short training beats it on the test split, and checkpoint -> resume ends exactly
+where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from trainables.config import RunConfig
+from trainables.loop import (TrainingDiverged, checkpoint_dirs, latest_valid_checkpoint,
+                             train, zero_shot)
+
+
+def _cfg(scifact_dir, **overrides) -> RunConfig:
+    base = {"data.path": str(scifact_dir), "train.epochs": 2, "train.batch_size": 64,
+            "loss.lambda_pred": 1.0, "loss.lambda_con": 1.0}
+    base.update(overrides)
+    return RunConfig().with_overrides(base)
+
+
+def test_zero_shot_reproduces_mteb(scifact_dir, scifact, scifact_features):
+    cfg = _cfg(scifact_dir)
+    m = zero_shot(cfg, "test", data=scifact, features=scifact_features)
+    assert m["ndcg_at_10"] == pytest.approx(0.645, abs=0.002)
+    assert m["recall_at_100"] == pytest.approx(0.925, abs=0.005)
+
+
+def test_short_training_beats_zero_shot_on_test(tmp_path, scifact_dir, scifact,
+                                                scifact_features):
+    cfg = _cfg(scifact_dir, **{"train.epochs": 3})
+    seen = []
+    result = train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features,
+                   callback=lambda m, c: seen.append((m["epoch"], c.name)), progress=False)
+    zs = zero_shot(cfg, "test", data=scifact, features=scifact_features)["ndcg_at_10"]
+    assert result["test"]["test_ndcg_at_10"] > zs + 0.005
+    assert seen == [(1, "epoch_0001"), (2, "epoch_0002"), (3, "epoch_0003")]
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(written["history"]) == 3 and "test_predictor_ndcg_at_10" in written["test"]
+    assert RunConfig.from_yaml(tmp_path / "config.yaml") == cfg
+    for key in ("effective_rank", "isotropy", "embedding_std", "pred_error",
+                "dev_query_ndcg_at_10", "dev_predictor_ndcg_at_10", "train_pred", "train_con"):
+        assert math.isfinite(written["history"][-1][key]), key
+
+
+def test_resume_matches_uninterrupted(tmp_path, scifact_dir, scifact, scifact_features):
+    cfg = _cfg(scifact_dir, **{"train.epochs": 3, "train.max_steps_per_epoch": 4,
+                               "model.predictor.dropout": 0.2})
+    full = train(cfg, out_dir=tmp_path / "full", data=scifact, features=scifact_features,
+                 progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(metrics, ckpt):
+        if metrics["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, out_dir=tmp_path / "cut", data=scifact, features=scifact_features,
+              callback=stop_after_two, progress=False)
+    resumed = train(cfg, out_dir=tmp_path / "cut", data=scifact, features=scifact_features,
+                    progress=False)
+    assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
+    assert resumed["final"]["dev_ndcg_at_10"] == full["final"]["dev_ndcg_at_10"]
+    assert resumed["test"] == full["test"]
+    assert resumed["final"]["train_loss"] == full["final"]["train_loss"]
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, scifact_dir, scifact,
+                                              scifact_features):
+    cfg = _cfg(scifact_dir, **{"train.epochs": 2, "train.max_steps_per_epoch": 2})
+    train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features, progress=False)
+    newest = checkpoint_dirs(tmp_path)[0]
+    (newest / "state.pt").write_bytes(b"garbage")
+    path, state = latest_valid_checkpoint(tmp_path)
+    assert path.name == "epoch_0001" and state["epoch"] == 1
+    more = cfg.with_overrides({"train.epochs": 3})
+    result = train(more, out_dir=tmp_path, data=scifact, features=scifact_features,
+                   progress=False)
+    assert [m["epoch"] for m in result["history"]] == [1, 2, 3]
+    assert checkpoint_dirs(tmp_path)[0].name == "epoch_0003"
+
+
+def test_phases_train_what_they_name(tmp_path, scifact_dir, scifact, scifact_features):
+    cfg = RunConfig.from_dict({
+        "data": {"path": str(scifact_dir)},
+        "loss": {"lambda_pred": 1.0, "lambda_con": 0.5},
+        "train": {"max_steps_per_epoch": 3, "phases": [
+            {"name": "predictor_only", "epochs": 1},
+            {"name": "joint", "epochs": 1},
+            {"name": "isotropy_finetune", "epochs": 1,
+             "loss": {"lambda_iso": 0.02, "isotropy": "sigreg", "lambda_pred": 0.0}},
+        ]},
+        "eval": {"evaluate_test": False},
+    })
+    snapshots = []
+
+    def snap(metrics, ckpt):
+        state = torch.load(ckpt / "state.pt", weights_only=False)["model"]
+        snapshots.append({k: v.clone() for k, v in state.items()})
+
+    result = train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features,
+                   callback=snap, progress=False)
+    assert [m["phase"] for m in result["history"]] == ["predictor_only", "joint",
+                                                       "isotropy_finetune"]
+    init = JEPAInit(cfg, scifact_features.dim)
+    changed = lambda a, b, prefix: any(not torch.equal(a[k], b[k]) for k in a
+                                       if k.startswith(prefix))
+    # phase 1: predictor moved, projection did not
+    assert changed(init, snapshots[0], "predictor.") and not changed(init, snapshots[0],
+                                                                    "proj_q.")
+    # phase 3: projection moved, predictor did not
+    assert changed(snapshots[1], snapshots[2], "proj_q.")
+    assert not changed(snapshots[1], snapshots[2], "predictor.")
+    assert result["history"][2]["train_iso"] > 0 and result["history"][0]["train_iso"] == 0
+
+
+def JEPAInit(cfg, dim):
+    from trainables.loop import seed_everything
+    from trainables.model import JEPAModel
+
+    seed_everything(cfg.train.seed)
+    return JEPAModel(cfg.model, base_dim=dim).state_dict()
+
+
+def test_divergence_raises_with_reason(tmp_path, scifact_dir, scifact, scifact_features):
+    cfg = _cfg(scifact_dir, **{"train.lr": 1e6, "train.grad_clip": 0.0, "train.epochs": 3,
+                               "loss.lambda_reg": 1.0, "loss.lambda_con": 0.0,
+                               "train.warmup_ratio": 0.0})
+    with pytest.raises(TrainingDiverged) as info:
+        train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features, progress=False)
+    assert "non-finite loss" in info.value.reason
