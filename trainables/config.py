@@ -174,15 +174,24 @@ class RunConfig(_Strict):
     def _consistent(self) -> "RunConfig":
         if self.model.variant == "bidirectional" and self.loss.lambda_pred == 0:
             pass  # allowed: the d->q predictor is then unused, like the q->d one
-        if self.eval.score_with == "predictor" and self.loss.lambda_pred == 0 and not any(
-            p.loss.get("lambda_pred", 0) for p in self.train.phases
+        # Each phase's loss (run loss + its overrides) is validated now, not when the phase
+        # starts training: a bad override must not fail after the earlier phases have run.
+        effective: list[tuple[str, LossConfig]] = []
+        for i, phase in enumerate(self.train.phases):
+            try:
+                effective.append((phase.name, LossConfig.model_validate(
+                    {**self.loss.model_dump(), **phase.loss})))
+            except ValidationError as exc:
+                raise ValueError("; ".join(_error_lines(exc, f"train.phases.{i}.loss"))) from None
+        effective = effective or [("joint", self.loss)]
+        if self.eval.score_with == "predictor" and not any(
+            loss.lambda_pred > 0 for name, loss in effective if name != "isotropy_finetune"
         ):
             raise ValueError("eval.score_with is 'predictor' but lambda_pred is 0 in every "
-                             "phase: the predictor would never be trained")
-        for phase in self.train.phases:
-            if phase.name == "predictor_only" and self.loss.model_copy(
-                update=phase.loss).lambda_pred == 0:
-                raise ValueError(f"phase {phase.name!r} trains only the predictor but its "
+                             "phase that trains the predictor: it would never be trained")
+        for name, loss in effective:
+            if name == "predictor_only" and loss.lambda_pred == 0:
+                raise ValueError(f"phase {name!r} trains only the predictor but its "
                                  "lambda_pred is 0")
         return self
 
@@ -238,16 +247,22 @@ class RunConfig(_Strict):
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+    return "\n".join([f"{source}: invalid config"] +
+                     [f"  {line}" for line in _error_lines(exc)])
+
+
+def _error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+    """One ``dotted.field: message (got value)`` line per error, fields under ``prefix``."""
+    lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        loc = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"  {loc}: {msg}" + (
+        lines.append(f"{loc}: {msg}" + (
             f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
             and not isinstance(err.get("input"), dict) else ""))
-    return "\n".join(lines)
+    return lines
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

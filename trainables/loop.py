@@ -331,7 +331,7 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
     for i in iterator:
         chunk = [pairs[j] for j in order[i * bs:(i + 1) * bs]]
         qids, dids = [c[0] for c in chunk], [c[1] for c in chunk]
-        neg_inputs = None
+        neg_inputs = neg_ids = None
         if negatives is not None:
             neg_ids = [rng.choice(negatives[q]) if negatives[q] else d for q, d in chunk]
             neg_inputs = batches.docs(neg_ids)
@@ -341,7 +341,7 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
             total, parts = criterion(out["q"].float(), out["d"].float(), out["pred_d"].float(),
                                      pred_q=out["pred_q"].float() if "pred_q" in out else None,
                                      hard_neg=out["neg"].float() if "neg" in out else None,
-                                     doc_ids=dids, step=step)
+                                     doc_ids=dids, hard_neg_ids=neg_ids, step=step)
         if not torch.isfinite(total):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {step}: {detail}")
