@@ -1,0 +1,137 @@
+"""The names a study writes to MLflow: one contract for the writer and the readers.
+
+``study/tracking.py`` writes these names and ``analysis/`` reads them back, so they live here,
+in one dependency-free module, instead of as string literals on both sides.
+
+Layout of a study in MLflow:
+
+* one experiment per study, named by :func:`experiment_name`;
+* one parent run per study (tag ``jepa.role = study``), named after the study, holding the
+  study's parameters and its search space as the artifact ``space.yaml``;
+* one child run per Ray Tune trial (tag ``jepa.role = trial``, ``mlflow.parentRunId`` = the
+  parent's run id, ``jepa.trial_id`` = Tune's trial id), named after the trial, holding the
+  trial's flattened parameters and its resolved config as the artifact ``config.yaml``.
+
+Metric conventions: per-epoch metrics are logged with ``step = epoch`` (each (key, step) pair
+exactly once per run, also across resumes); metrics of the final evaluation carry the prefix
+``final_`` (see :func:`final_key`). Every metric and param name goes through
+:func:`mlflow_key` so that names such as ``ndcg@10`` are legal MLflow keys (``ndcg_at_10``).
+Non-finite values (NaN, inf) are never logged as metrics; they are recorded in the tag
+``jepa.nonfinite`` as ``key@step`` entries (see :func:`format_nonfinite`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+# --- tags ------------------------------------------------------------------------------------
+TAG_STUDY = "jepa.study"  #: the study name, on the parent and on every child run
+TAG_TRIAL_ID = "jepa.trial_id"  #: Ray Tune's trial id, on child runs only
+TAG_ROLE = "jepa.role"  #: ROLE_STUDY on the parent run, ROLE_TRIAL on child runs
+TAG_STATUS = "jepa.status"  #: RUNNING / FINISHED / FAILED / KILLED, mirrors the run status
+TAG_STOP_REASON = "jepa.stop_reason"  #: why a run ended (free text, e.g. an error or "asha")
+TAG_GIT_COMMIT = "jepa.git_commit"  #: the commit of the code that ran the study
+TAG_NONFINITE = "jepa.nonfinite"  #: comma-separated ``key@step`` of NaN/inf metric values
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"  #: MLflow's own nesting tag
+TAG_RUN_NAME = "mlflow.runName"  #: MLflow's own run-name tag
+
+ROLE_STUDY = "study"
+ROLE_TRIAL = "trial"
+
+# --- run statuses (MLflow's names) -----------------------------------------------------------
+STATUS_RUNNING = "RUNNING"
+STATUS_FINISHED = "FINISHED"
+STATUS_FAILED = "FAILED"
+STATUS_KILLED = "KILLED"
+END_STATUSES = (STATUS_FINISHED, STATUS_FAILED, STATUS_KILLED)
+
+#: stop reason written on runs that a killed driver left RUNNING (see mark_orphans_killed)
+STOP_REASON_ORPHANED = "orphaned: driver ended without closing the run"
+
+# --- artifacts -------------------------------------------------------------------------------
+ARTIFACT_CONFIG = "config.yaml"  #: resolved trial config, on child runs
+ARTIFACT_SPACE = "space.yaml"  #: the study's search space, on the parent run
+
+# --- experiments -----------------------------------------------------------------------------
+EXPERIMENT_PREFIX = "jepa-study/"
+
+
+def experiment_name(study: str) -> str:
+    """Return the default MLflow experiment name of a study (``jepa-study/<study>``)."""
+    return f"{EXPERIMENT_PREFIX}{study}"
+
+
+# --- metric and param keys -------------------------------------------------------------------
+FINAL_PREFIX = "final_"  #: prefix of metrics from the final evaluation (no step semantics)
+PARAM_SEP = "."  #: separator of flattened nested param names (``model.predictor.depth``)
+MAX_KEY_LENGTH = 250  #: MLflow's limit on metric/param/tag key length
+MAX_PARAM_VALUE_LENGTH = 6000  #: MLflow's limit on a param value
+MAX_TAG_VALUE_LENGTH = 8000  #: MLflow's limit on a tag value
+
+_REPLACEMENTS = (("@", "_at_"), ("%", "_pct"), ("#", "_num_"))
+_ILLEGAL = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def mlflow_key(name: object) -> str:
+    """Sanitise a metric/param/tag name to the characters MLflow accepts everywhere.
+
+    MLflow keys may hold ASCII alphanumerics and ``_ - . / space`` (a colon is refused on
+    Windows stores, so it is replaced too), must not look like a non-normalised path (no empty,
+    ``.`` or ``..`` segments, no leading ``/``) and are at most 250 characters. ``@``, ``%`` and
+    ``#`` get readable replacements (``ndcg@10`` -> ``ndcg_at_10``), any other character becomes
+    ``_``. The function is idempotent, so readers may apply it to names they look up.
+
+    Args:
+        name: Any name; non-strings are converted with ``str``.
+
+    Returns:
+        A legal, non-empty MLflow key.
+    """
+    key = str(name).strip()
+    for old, new in _REPLACEMENTS:
+        key = key.replace(old, new)
+    key = _ILLEGAL.sub("_", key)[:MAX_KEY_LENGTH]
+    segments = [s.strip() for s in key.split("/") if s.strip()]
+    key = "/".join("_" * len(s) if set(s) <= {"."} else s for s in segments)
+    if key.startswith(".."):
+        key = "_" + key[1:]
+    return key or "_"
+
+
+def final_key(name: str) -> str:
+    """Return the key of a final-evaluation metric (``final_`` + sanitised name)."""
+    key = mlflow_key(name)
+    return key if key.startswith(FINAL_PREFIX) else FINAL_PREFIX + key
+
+
+# --- non-finite values -----------------------------------------------------------------------
+def format_nonfinite(entries: Iterable[tuple[str, int]]) -> str:
+    """Format (key, step) pairs as the value of :data:`TAG_NONFINITE`.
+
+    Duplicates are dropped and the order kept; entries that would push the value past MLflow's
+    tag limit are left out (the first occurrences are the informative ones).
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    size = 0
+    for key, step in entries:
+        item = f"{key}@{int(step)}"
+        if item in seen:
+            continue
+        if size + len(item) + 1 > MAX_TAG_VALUE_LENGTH:
+            break
+        seen.add(item)
+        out.append(item)
+        size += len(item) + 1
+    return ",".join(out)
+
+
+def parse_nonfinite(value: str | None) -> list[tuple[str, int]]:
+    """Parse the value of :data:`TAG_NONFINITE` back into (key, step) pairs."""
+    pairs: list[tuple[str, int]] = []
+    for item in (value or "").split(","):
+        key, sep, step = item.strip().rpartition("@")
+        if sep and key and step.lstrip("-").isdigit():
+            pairs.append((key, int(step)))
+    return pairs

@@ -1,0 +1,275 @@
+"""StudyTracker against a sqlite store and a real tracking server, including outages."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow_fixtures import free_port, mlflow_server, tracking_uri  # noqa: F401
+
+from analysis import schema as S
+from study.tracking import MLflowTrialCallback, StudyTracker, TrackingError, redact
+
+
+def _study() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _trial_runs(client: MlflowClient, tracker: StudyTracker, trial_id: str) -> list:
+    exp = client.get_experiment_by_name(tracker.experiment_name)
+    return client.search_runs([exp.experiment_id],
+                              f"tags.`{S.TAG_TRIAL_ID}` = '{trial_id}'")
+
+
+def test_parent_and_children(tracking_uri):
+    tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
+    tracker.check_reachable()
+    parent = tracker.start_study({"space": {"lr": [1e-4, 1e-2]}}, {S.TAG_GIT_COMMIT: "abc123"},
+                                 space_yaml="lr: [0.0001, 0.01]\n")
+    kids = [tracker.trial_run(t, {"lr": 0.01, "model": {"depth": 2}}, "lr: 0.01\n")
+            for t in ("t_00000", "t_00001")]
+    run = client.get_run(parent)
+    assert run.data.tags[S.TAG_ROLE] == S.ROLE_STUDY
+    assert run.data.tags[S.TAG_GIT_COMMIT] == "abc123"
+    assert run.data.params["space.lr"] == "[0.0001, 0.01]"
+    assert [a.path for a in client.list_artifacts(parent)] == [S.ARTIFACT_SPACE]
+    for trial_id, kid in zip(("t_00000", "t_00001"), kids):
+        child = client.get_run(kid)
+        assert child.data.tags[S.TAG_PARENT_RUN_ID] == parent
+        assert child.data.tags[S.TAG_TRIAL_ID] == trial_id
+        assert child.data.tags[S.TAG_ROLE] == S.ROLE_TRIAL
+        assert child.data.params["model.depth"] == "2"
+        assert child.info.run_name == trial_id
+        assert [a.path for a in client.list_artifacts(kid)] == [S.ARTIFACT_CONFIG]
+    tracker.end_study(S.STATUS_KILLED)
+    assert client.get_run(parent).info.status == S.STATUS_KILLED
+    again = StudyTracker(tracking_uri, tracker.study_name)  # resume: same parent, RUNNING
+    assert again.start_study({}, {}) == parent
+    assert client.get_run(parent).info.status == S.STATUS_RUNNING
+    location = client.get_experiment_by_name(tracker.experiment_name).artifact_location
+    if tracking_uri.startswith("sqlite"):  # beside the store, never in the working directory
+        assert location.startswith(Path(tracking_uri[len("sqlite:///"):]).parent.as_uri())
+
+
+def test_one_run_per_trial_id(tracking_uri):
+    study, client = _study(), MlflowClient(tracking_uri)
+    first = StudyTracker(tracking_uri, study)
+    first.start_study({}, {})
+    a = first.trial_run("t1", {"lr": 1}, None)
+    assert first.trial_run("t1", {"lr": 1, "wd": 0.1}, None) == a
+    fresh = StudyTracker(tracking_uri, study)
+    assert fresh.trial_run("t1", {"lr": 3}, None) == a  # changed value: kept, no error
+    runs = _trial_runs(client, fresh, "t1")
+    assert [r.info.run_id for r in runs] == [a]
+    assert runs[0].data.params == {"lr": "1", "wd": "0.1"}
+
+
+def test_resumed_trial_logs_each_step_once(tracking_uri):
+    study, client = _study(), MlflowClient(tracking_uri)
+    first = StudyTracker(tracking_uri, study)
+    run_id = first.trial_run("t1", {}, None)
+    for epoch in (1, 2, 3):
+        first.log_epoch("t1", {"loss": float(epoch), "ndcg@10": 0.1 * epoch}, step=epoch)
+    first.end_trial("t1", S.STATUS_KILLED, "driver stopped")
+    second = StudyTracker(tracking_uri, study)  # a resumed driver
+    assert second.trial_run("t1", {}, None) == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == S.STATUS_RUNNING
+    assert S.TAG_STOP_REASON not in run.data.tags
+    for epoch in (2, 3, 4, 5):
+        second.log_epoch("t1", {"loss": 10.0 + epoch, "ndcg@10": 0.2}, step=epoch)
+    second.log_epoch("t1", {"loss": 99.0}, step=5)  # same process, same (key, step)
+    assert _history(client, run_id, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0),
+                                               (5, 15.0)]
+    assert [s for s, _ in _history(client, run_id, "ndcg_at_10")] == [1, 2, 3, 4, 5]
+
+
+def test_end_statuses_and_reopen(tracking_uri):
+    tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
+    cases = {"ok": (S.STATUS_FINISHED, None), "bad": (S.STATUS_FAILED, "ValueError: boom"),
+             "cut": (S.STATUS_KILLED, "asha")}
+    ids = {t: tracker.trial_run(t, {}, None) for t in cases}
+    for trial_id, (status, reason) in cases.items():
+        tracker.end_trial(trial_id, status, reason)
+    for trial_id, (status, reason) in cases.items():
+        run = client.get_run(ids[trial_id])
+        assert run.info.status == status
+        assert run.data.tags[S.TAG_STATUS] == status
+        assert run.data.tags.get(S.TAG_STOP_REASON) == reason
+    assert tracker.trial_run("bad", {}, None) == ids["bad"]  # retried trial
+    run = client.get_run(ids["bad"])
+    assert (run.info.status, run.data.tags[S.TAG_STATUS]) == (S.STATUS_RUNNING, S.STATUS_RUNNING)
+    with pytest.raises(ValueError):
+        tracker.end_trial("ok", "DONE")
+
+
+def test_mark_orphans_killed(tracking_uri):
+    study, client = _study(), MlflowClient(tracking_uri)
+    dead = StudyTracker(tracking_uri, study)  # a driver that gets SIGKILLed
+    dead.start_study({}, {})
+    done, orphan = dead.trial_run("done", {}, None), dead.trial_run("orphan", {}, None)
+    dead.end_trial("done", S.STATUS_FINISHED)
+    resumed = StudyTracker(tracking_uri, study)
+    live = resumed.trial_run("live", {}, None)
+    assert resumed.mark_orphans_killed() == ["orphan"]
+    run = client.get_run(orphan)
+    assert run.info.status == S.STATUS_KILLED
+    assert run.data.tags[S.TAG_STOP_REASON] == S.STOP_REASON_ORPHANED
+    assert client.get_run(done).info.status == S.STATUS_FINISHED
+    assert client.get_run(live).info.status == S.STATUS_RUNNING
+
+
+def test_children_visible_over_rest(tracking_uri):
+    if not tracking_uri.startswith("http"):
+        pytest.skip("REST API only on the server backend")
+    tracker = StudyTracker(tracking_uri, _study())
+    parent = tracker.start_study({}, {})
+    kids = {tracker.trial_run(t, {}, None) for t in ("a", "b")}
+    body = json.dumps({"experiment_ids": [tracker._get_experiment_id()],
+                       "filter": f"tags.mlflow.parentRunId = '{parent}'"}).encode()
+    req = urllib.request.Request(f"{tracking_uri}/api/2.0/mlflow/runs/search", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        runs = json.load(resp)["runs"]
+    assert {r["info"]["run_id"] for r in runs} == kids
+
+
+def test_sanitised_keys_and_nonfinite(tracking_uri):
+    tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
+    run_id = tracker.trial_run("t1", {"eval.k@": 10}, None)
+    tracker.log_epoch("t1", {"ndcg@10": 0.5, "loss": math.nan, "note": "text"}, step=1)
+    tracker.log_epoch("t1", {"ndcg@10": 0.6, "loss": math.inf}, step=2)
+    run = client.get_run(run_id)
+    assert set(run.data.metrics) == {"ndcg_at_10"}
+    assert run.data.params == {"eval.k_at_": "10"}
+    assert S.parse_nonfinite(run.data.tags[S.TAG_NONFINITE]) == [("loss", 1), ("loss", 2)]
+    assert client.get_metric_history(run_id, "loss") == []
+
+
+def test_wal_replayed_by_restarted_driver(tracking_uri, tmp_path):
+    study, client = _study(), MlflowClient(tracking_uri)
+    down = StudyTracker(f"http://127.0.0.1:{free_port()}", study, wal_dir=tmp_path)
+    assert down.start_study({"a": 1}, {}) is None  # nothing reachable: queued
+    assert down.trial_run("t1", {"lr": 0.1}, "lr: 0.1\n") is None
+    for epoch in (1, 2):
+        down.log_epoch("t1", {"loss": float(epoch)}, step=epoch)
+    down.end_trial("t1", S.STATUS_FINISHED)
+    wal = next(tmp_path.glob("*.wal.jsonl"))
+    saved = wal.read_text()
+    assert len(saved.splitlines()) == down.pending == 8
+    del down  # the driver dies; a new one replays the file against the real backend
+    for _ in range(2):  # replaying the same file twice must not duplicate anything
+        wal.write_text(saved)
+        again = StudyTracker(tracking_uri, study, wal_dir=tmp_path)
+        assert again.pending == 8 and again.flush(timeout=20)
+        assert not wal.exists()
+    run = client.get_run(again.run_id("t1"))
+    assert run.info.status == S.STATUS_FINISHED
+    assert run.data.params == {"lr": "0.1"}
+    assert _history(client, run.info.run_id, "loss") == [(1, 1.0), (2, 2.0)]
+
+
+def test_secrets_never_logged(tracking_uri, monkeypatch, tmp_path):
+    secret = "s3cr3t-value"
+    monkeypatch.setenv("JEPA_TEST_SECRET_TOKEN", secret)
+    tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
+    params = {"lr": 0.1, "hub": {"token": "abc", "repo": f"user:{secret}@hub"}, "note": secret,
+              "API_KEY": "k", "auth": "basic"}
+    clean = redact(params)
+    assert clean == {"lr": 0.1, "hub": {}}
+    tracker.start_study(params, {"who": secret})
+    run_id = tracker.trial_run("t1", clean, f"token: {secret}\n")
+    tracker.end_trial("t1", S.STATUS_FAILED, f"error with {secret} inside")
+    for rid in (run_id, tracker.run_id()):
+        run = client.get_run(rid)
+        logged = {**run.data.params, **run.data.tags}
+        assert not [k for k, v in logged.items() if secret in v or secret in k]
+    assert client.get_run(run_id).data.params == {"lr": "0.1"}
+    text = Path(client.download_artifacts(run_id, S.ARTIFACT_CONFIG, str(tmp_path))).read_text()
+    assert secret not in text and text.startswith("token:")
+
+
+def test_callback_drives_tracker(tracking_uri):
+    tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
+    tracker.start_study({}, {})
+    callback = MLflowTrialCallback(tracker)
+    copy = pickle.loads(pickle.dumps(callback))  # Tune pickles callbacks into its state
+    assert (copy.tracker.study_name, copy.tracker.tracking_uri) == (tracker.study_name,
+                                                                    tracking_uri)
+    trial = SimpleNamespace(trial_id="abc_00000", config={"lr": 0.1, "model": {"depth": 2}},
+                            last_result={},
+                            get_error=lambda: "Failure # 1\n  File x.py\nRuntimeError: boom\n")
+    callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
+    for epoch in (1, 2):
+        result = {"epoch": epoch, "training_iteration": epoch + 10, "dev_ndcg_at_10": 0.1 * epoch,
+                  "time_total_s": 3.0, "done": False, "hostname": "h"}
+        trial.last_result = {**result, "stop_reason": "asha"}
+        callback.on_trial_result(iteration=1, trials=[trial], trial=trial, result=result)
+    callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
+    run = client.get_run(tracker.run_id("abc_00000"))
+    assert set(run.data.metrics) == {"dev_ndcg_at_10"}
+    assert [s for s, _ in _history(client, run.info.run_id, "dev_ndcg_at_10")] == [1, 2]
+    assert (run.info.status, run.data.tags[S.TAG_STOP_REASON]) == (S.STATUS_FINISHED, "asha")
+    assert run.data.params == {"lr": "0.1", "model.depth": "2"}
+    callback.on_trial_error(iteration=3, trials=[trial], trial=trial)
+    run = client.get_run(run.info.run_id)
+    assert (run.info.status, run.data.tags[S.TAG_STOP_REASON]) == (S.STATUS_FAILED,
+                                                                   "RuntimeError: boom")
+
+
+def test_check_reachable_fails_fast_on_dead_port():
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=uri):
+        StudyTracker(uri, "dead").check_reachable()
+    assert time.monotonic() - start < 10
+
+
+def test_mlflow_key():
+    assert S.mlflow_key("ndcg@10") == "ndcg_at_10"
+    assert S.final_key("recall@100") == "final_recall_at_100"
+    for name in ("a/../b", "/x//y/", "..z", "é:ü", "", "x" * 300):
+        key = S.mlflow_key(name)
+        assert key == S.mlflow_key(key) and not key.startswith(("/", ".."))
+        assert len(key) <= 250 and all(c.isascii() for c in key)
+
+
+def test_server_down_mid_study(mlflow_server, tmp_path):
+    server = mlflow_server  # stopped and restarted: same port, same store
+    if server.proc is None:
+        server.start()
+    server.wait()
+    try:
+        tracker = StudyTracker(server.uri, _study(), wal_dir=tmp_path / "wal")
+        tracker.start_study({}, {})
+        run_id = tracker.trial_run("t1", {"lr": 0.1}, None)
+        tracker.log_epoch("t1", {"loss": 1.0}, step=1)
+        server.stop()
+        for epoch in (2, 3):
+            start = time.monotonic()
+            tracker.log_epoch("t1", {"loss": float(epoch)}, step=epoch)
+            assert time.monotonic() - start < 3
+        tracker.end_trial("t1", S.STATUS_FINISHED)
+        assert tracker.pending == 3 and list((tmp_path / "wal").glob("*.wal.jsonl"))
+        assert not tracker.flush(timeout=1)
+        server.start()
+        assert tracker.flush(timeout=30)
+        client = MlflowClient(server.uri)
+        assert _history(client, run_id, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+        assert client.get_run(run_id).info.status == S.STATUS_FINISHED
+        assert not list((tmp_path / "wal").glob("*.wal.jsonl"))
+    finally:
+        if server.proc is None:
+            server.start()
