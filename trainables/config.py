@@ -164,6 +164,9 @@ class RunConfig(_Strict):
     """Everything one training needs."""
 
     name: str = "run"
+    provenance: dict[str, str] = Field(
+        default_factory=dict, description="where this config came from (study, trial, MLflow "
+        "run id, metric); informational, never read by training")
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -233,7 +233,8 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     # -- PHASES
     epoch = 0
     step = state["step"] if state else 0
-    for phase_index, phase in enumerate(cfg.train.resolved_phases()):
+    phases = cfg.train.resolved_phases()
+    for phase_index, phase in enumerate(phases):
         if state and phase_index < state["phase_index"]:
             epoch += phase.epochs
             continue
@@ -263,6 +264,12 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                        "lr": scheduler.get_last_lr()[-1]}
             metrics.update(_evaluate(model, batches, data, features, splits["dev"], cfg, "dev"))
             metrics["epoch_time_s"] = time.perf_counter() - t0
+            last_epoch = phase_index == len(phases) - 1 and epoch_in_phase == phase.epochs - 1
+            if last_epoch and cfg.eval.evaluate_test:
+                # The final report's test figures travel with the last epoch (to Tune and
+                # MLflow); the search only ever reads dev metrics.
+                metrics.update(_evaluate(model, batches, data, features, splits["test"], cfg,
+                                         "test"))
             history.append(metrics)
             ckpt_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
@@ -282,7 +289,8 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
         result["best_dev_ndcg_at_10"] = best["dev_ndcg_at_10"]
         result["best_epoch"] = best["epoch"]
     if cfg.eval.evaluate_test:
-        result["test"] = _evaluate(model, batches, data, features, splits["test"], cfg, "test")
+        result["test"] = {k: v for k, v in result["final"].items() if k.startswith("test_")} \
+            or _evaluate(model, batches, data, features, splits["test"], cfg, "test")
     if rank == 0:
         cfg.to_yaml(out_dir / "config.yaml")
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
