@@ -63,6 +63,42 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from study.launcher import StudyOptions, launch
+
+    opts = StudyOptions(space=args.space, num_samples=args.num_samples, data=args.data,
+                        address=args.address, num_workers=args.num_workers,
+                        gpus_per_worker=args.gpus_per_worker,
+                        cpus_per_worker=args.cpus_per_worker, mlflow_uri=args.mlflow_uri,
+                        name=args.name, storage=args.storage,
+                        max_concurrent_trials=args.max_concurrent_trials,
+                        execution=args.execution)
+    _print_summary(launch(opts))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from study.launcher import resume
+
+    _print_summary(resume(args.study))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from study.launcher import status
+
+    print(json.dumps(status(args.study), indent=1, default=str))
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print(json.dumps(summary, indent=1, default=str))
+    uri = summary["mlflow_uri"]
+    print(f"\nstudy directory: {summary['study_dir']}")
+    print(f"compare runs:    mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"status:          jepa-study status {summary['study_dir']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jepa-study", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("launch", help="run a study (default: the quick space on SciFact)")
+    p.add_argument("--space", default="quick", help="space file or shipped name "
+                   "(quick, jepa_core, seed_phases)")
+    p.add_argument("--num-samples", type=int, help="trials (default: the space's)")
+    p.add_argument("--data", help="BEIR directory")
+    p.add_argument("--address", help="Ray cluster: auto or ray://host:10001 (default: local)")
+    p.add_argument("--num-workers", type=int, default=1, help="Train workers per trial (DDP)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-concurrent-trials", type=int)
+    p.add_argument("--execution", default="auto", choices=["auto", "direct", "train"],
+                   help="direct: loop inside the Tune trial (1 CPU worker); train: TorchTrainer")
+    p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite store in the study)")
+    p.add_argument("--name", help="study name (default: the space's)")
+    p.add_argument("--storage", default="studies", help="parent directory of studies")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("resume", help="continue an interrupted study")
+    p.add_argument("study", help="study directory")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="trials done / running / failed")
+    p.add_argument("study", help="study directory")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("baseline", help="zero-shot metrics of the base encoder")
     p.add_argument("--config", help="take model and data from this config")
     p.add_argument("--data")
@@ -84,13 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from search_spaces.space import SpaceError
+    from study.launcher import StudyError
     from trainables.config import ConfigError
     from trainables.data import DataError
 
     args = build_parser().parse_args(argv)
+    errors: tuple[type[BaseException], ...] = (ConfigError, DataError, SpaceError, StudyError)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -350,7 +350,10 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
                                      pred_q=out["pred_q"].float() if "pred_q" in out else None,
                                      hard_neg=out["neg"].float() if "neg" in out else None,
                                      doc_ids=dids, hard_neg_ids=neg_ids, step=step)
-        if not torch.isfinite(total):
+        bad = torch.tensor(0.0 if torch.isfinite(total) else 1.0, device=total.device)
+        if world > 1:  # every rank stops together, or the others hang at the next collective
+            dist.all_reduce(bad)
+        if bad.item() > 0:
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {step}: {detail}")
         # Step 2. Backward & step

@@ -1,0 +1,443 @@
+"""Launch, resume and inspect a study: Ray Tune + OptunaSearch + ASHA + MLflow.
+
+A study lives in one directory (``<storage>/<name>``)::
+
+    study.json     the launch options and the resolved space (what ``resume`` rebuilds from)
+    space.yaml     the space file as given
+    optuna.db      Optuna's RDB storage (sampler history survives the driver)
+    mlflow.db      the embedded MLflow store (unless --mlflow-uri), artifacts in mlartifacts/
+    ray/<name>/    Tune's experiment state (searcher state, trial checkpoints)
+    trials/<id>/   each trial's local output (checkpoints, metrics.json)
+
+Everything that can be wrong with the input (space, data, MLflow server) is checked before
+Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_EXCLUDES = ["runs/", "studies/", "mlruns/", ".git/", "*.db", "benchmarks/out/",
+                    "__pycache__/", "*.egg-info/"]
+
+
+class StudyError(RuntimeError):
+    """A study that cannot be launched, resumed or read; the message says what to do."""
+
+
+@dataclass
+class StudyOptions:
+    """What ``jepa-study launch`` was asked for; saved in ``study.json`` for ``resume``."""
+
+    space: str = "quick"
+    num_samples: int | None = None
+    data: str | None = None
+    address: str | None = None
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    mlflow_uri: str | None = None
+    name: str | None = None
+    storage: str = "studies"
+    max_concurrent_trials: int | None = None
+    execution: str = "auto"
+    max_failures: int = 2
+    warm_start: list[str] = field(default_factory=list)
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_samples is not None and self.num_samples < 1:
+            raise StudyError("--num-samples must be at least 1")
+        if self.num_workers < 1:
+            raise StudyError("--num-workers must be at least 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise StudyError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+        if self.execution not in ("auto", "direct", "train"):
+            raise StudyError("--execution must be one of auto, direct, train")
+
+
+def default_mlflow_uri(study_dir: Path) -> str:
+    return f"sqlite:///{(study_dir / 'mlflow.db').resolve()}"
+
+
+def optuna_url(study_dir: Path) -> str:
+    return f"sqlite:///{(study_dir / 'optuna.db').resolve()}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, text=True,
+                              capture_output=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# -- trial configs and stop reasons (picklable: Tune ships them to trials and checkpoints) --
+
+class TrialConfigBuilder:
+    """Tune config (Optuna's params) -> the trial's full run-config dict."""
+
+    def __init__(self, space_file: str, data_dir: str):
+        self.space_file, self.data_dir = space_file, data_dir
+        self._spec = None
+
+    def __getstate__(self) -> dict:
+        return {"space_file": self.space_file, "data_dir": self.data_dir}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def spec(self):
+        if self._spec is None:
+            from search_spaces.space import load_space
+
+            self._spec = load_space(self.space_file)
+        return self._spec
+
+    def __call__(self, params: dict) -> dict:
+        cfg = self.spec.trial_config(params)
+        return cfg.with_overrides({"data.path": self.data_dir}, "study").to_dict()
+
+    def flat(self, params: dict) -> dict:
+        from trainables.config import flatten
+
+        return {**flatten(self(params)), **{f"search.{k}": v for k, v in params.items()}}
+
+    def yaml(self, params: dict) -> str:
+        import yaml
+
+        return yaml.safe_dump(self(params), sort_keys=False)
+
+
+class CollapseStopper:
+    """Tune stopper: ends a trial whose effective rank falls below a threshold.
+
+    The reason is written to ``<study_dir>/stops/<trial_id>.txt`` so that the MLflow
+    callback (and a person) can read it after the trial ends, whichever process asks.
+    """
+
+    def __init__(self, study_dir: str, metric: str, minimum: float):
+        self.study_dir, self.metric, self.minimum = study_dir, metric, minimum
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        value = result.get(self.metric)
+        if value is None or value >= self.minimum:
+            return False
+        stops = Path(self.study_dir) / "stops"
+        stops.mkdir(parents=True, exist_ok=True)
+        (stops / f"{trial_id}.txt").write_text(
+            f"collapse: {self.metric} {value:.3g} < {self.minimum:g} at epoch "
+            f"{result.get('epoch')}")
+        return True
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class StopReasons:
+    """Why a trial that ended without error ended: collapse guard, ASHA, or completion."""
+
+    def __init__(self, study_dir: str, max_epochs: int):
+        self.study_dir, self.max_epochs = study_dir, max_epochs
+
+    def __call__(self, trial) -> str | None:
+        marker = Path(self.study_dir) / "stops" / f"{trial.trial_id}.txt"
+        if marker.exists():
+            return marker.read_text()
+        epoch = (trial.last_result or {}).get("epoch")
+        if epoch is not None and epoch < self.max_epochs:
+            return f"early_stopped: scheduler stopped the trial after epoch {epoch}"
+        return "completed"
+
+
+# -- launch / resume ---------------------------------------------------------------------------
+
+def prepare_study(opts: StudyOptions) -> Path:
+    """Validates everything (space, data, tracking) and writes the study directory.
+
+    Nothing here starts Ray: a bad space file, a missing dataset or an unreachable MLflow
+    server fails in seconds with a message that names the culprit.
+    """
+    from search_spaces.space import load_space
+    from study.tracking import StudyTracker
+    from trainables.data import load_beir, make_splits, resolve_data_dir
+
+    spec = load_space(opts.space)
+    base = spec.base_config()
+    data_dir = resolve_data_dir(opts.data or base.data.path)
+    data = load_beir(data_dir)
+    make_splits(data, train=base.data.train_split, dev=base.data.dev_split,
+                test=base.data.test_split, dev_fraction=base.data.dev_fraction,
+                seed=base.data.split_seed)
+    name = opts.name or spec.name
+    study_dir = Path(opts.storage).expanduser().resolve() / name
+    if (study_dir / "study.json").exists():
+        raise StudyError(f"study {study_dir} exists: continue it with `jepa-study resume "
+                         f"{study_dir}` or pick another --name")
+    uri = opts.mlflow_uri or default_mlflow_uri(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    _check_tracking(uri, name)
+    space_file = study_dir / "space.yaml"
+    space_file.write_text(Path(spec._source).read_text() if Path(spec._source).exists()
+                          else _space_yaml(spec))
+    if opts.num_samples is not None:
+        pass  # kept in study.json; the space file stays as given
+    meta = {"name": name, "options": asdict(opts), "space_file": str(space_file),
+            "data_dir": str(data_dir), "mlflow_uri": uri, "created": time.time(),
+            "git_commit": git_commit()}
+    (study_dir / "study.json").write_text(json.dumps(meta, indent=1))
+    return study_dir
+
+
+def _check_tracking(uri: str, name: str) -> None:
+    """An unreachable MLflow server or unusable store fails here, before Ray starts."""
+    from study.tracking import StudyTracker, TrackingError
+
+    try:
+        StudyTracker(uri, name).check_reachable()
+    except TrackingError as exc:
+        raise StudyError(f"{exc} (--mlflow-uri)") from None
+
+
+def _space_yaml(spec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+                          sort_keys=False)
+
+
+def load_meta(study: str | Path) -> dict[str, Any]:
+    path = Path(study).expanduser().resolve()
+    if not (path / "study.json").exists():
+        raise StudyError(f"{path} is not a study directory (no study.json)")
+    meta = json.loads((path / "study.json").read_text())
+    meta["dir"] = path
+    return meta
+
+
+def launch(opts: StudyOptions) -> dict[str, Any]:
+    """Validates, then runs a new study to the end; returns its summary."""
+    return run_study(prepare_study(opts), resume=False)
+
+
+def resume(study: str | Path) -> dict[str, Any]:
+    """Continues an interrupted study: Tune's state, the searcher and the Optuna storage."""
+    return run_study(load_meta(study)["dir"], resume=True)
+
+
+def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
+    import ray
+    from ray import tune
+
+    from search_spaces.space import load_space
+    from study.trial import make_trainable, max_concurrent_trials, trial_resources
+    from study.tracking import MLflowTrialCallback, StudyTracker
+    from trainables.cache import load_or_compute
+    from trainables.data import load_beir
+
+    meta = load_meta(study_dir)
+    opts = StudyOptions(**meta["options"])
+    spec = load_space(meta["space_file"])
+    base = spec.base_config()
+    name = meta["name"]
+    _check_tracking(meta["mlflow_uri"], name)
+    tracker = StudyTracker(meta["mlflow_uri"], name, wal_dir=study_dir / "wal")
+
+    # -- shared inputs, computed once per study (the disk cache makes a rerun free)
+    data = load_beir(meta["data_dir"])
+    features = None
+    if base.model.freeze_base or base.train.hard_negatives:
+        features = load_or_compute(data, base.model.base_model, base.model.max_seq_length)
+
+    started = time.time()
+    _init_ray(opts)
+    try:
+        shared = {"data": ray.put(data), "features": ray.put(features) if features else None}
+        use_gpu = opts.gpus_per_worker > 0
+        trainable = make_trainable(
+            study_dir=study_dir, num_workers=opts.num_workers, use_gpu=use_gpu,
+            gpus_per_worker=opts.gpus_per_worker or 1, cpus_per_worker=opts.cpus_per_worker,
+            max_failures=opts.max_failures, execution=opts.execution,
+            config_builder=TrialConfigBuilder(meta["space_file"], meta["data_dir"]),
+            objective_keys=[spec.metric] if isinstance(spec.metric, str) else spec.metric,
+            shared=shared)
+        resources = trial_resources(opts.num_workers, use_gpu, opts.cpus_per_worker,
+                                    opts.gpus_per_worker or 1, opts.execution)
+        trainable = tune.with_resources(trainable, resources)
+        total = ray.cluster_resources()
+        concurrency = opts.max_concurrent_trials or spec.max_concurrent_trials or \
+            max_concurrent_trials(total.get("CPU", 1), total.get("GPU", 0),
+                                  num_workers=opts.num_workers, use_gpu=use_gpu,
+                                  cpus_per_worker=opts.cpus_per_worker,
+                                  gpus_per_worker=opts.gpus_per_worker or 1,
+                                  execution=opts.execution)
+        builder = TrialConfigBuilder(meta["space_file"], meta["data_dir"])
+        max_epochs = sum(p.epochs for p in base.train.resolved_phases())
+        callbacks = [MLflowTrialCallback(tracker, render_config=builder.yaml,
+                                         resolve_params=builder.flat,
+                                         stop_reason=StopReasons(str(study_dir), max_epochs))]
+        if resume:
+            tracker.mark_orphans_killed()
+        tracker.start_study(
+            params={"space": Path(meta["space_file"]).stem, "num_samples": _num_samples(opts, spec),
+                    "data": meta["data_dir"], "seed": getattr(spec.searcher_spec, "seed", None),
+                    "num_workers": opts.num_workers, "gpus_per_worker": opts.gpus_per_worker,
+                    "ray_version": ray.__version__, "optuna_version": _version("optuna"),
+                    "mlflow_version": _version("mlflow"), "torch_version": _version("torch"),
+                    "python": platform.python_version()},
+            tags={"jepa.git_commit": meta["git_commit"], "jepa.study_dir": str(study_dir)},
+            space_yaml=Path(meta["space_file"]).read_text())
+        ray_dir = study_dir / "ray"
+        if resume and tune.Tuner.can_restore(str(ray_dir / name)):
+            tuner = tune.Tuner.restore(str(ray_dir / name), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency,
+                               max_epochs)
+        grid = tuner.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.end_study(locals().get("status", "FAILED"))
+        tracker.flush()
+        ray.shutdown()
+    return summarize(study_dir, grid, spec, time.time() - started)
+
+
+def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, max_epochs):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    multi = not isinstance(spec.metric, str)
+    metric = None if multi else spec.metric
+    mode = None if multi else spec.mode
+    if spec.scheduler.kind == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.scheduler.max_t or max_epochs,
+                                  grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    searcher = spec.searcher(storage_url=optuna_url(study_dir), study_name=name)
+    stopper = None
+    if spec.collapse_guard is not None:
+        stopper = CollapseStopper(str(study_dir), spec.collapse_guard.metric,
+                                  spec.collapse_guard.min_effective_rank)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=metric,
+                                    mode=mode, num_samples=_num_samples(opts, spec),
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(study_dir / "ray"), stop=stopper, callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+            verbose=opts.verbose),
+    )
+
+
+def _num_samples(opts: StudyOptions, spec) -> int:
+    return opts.num_samples or spec.num_samples
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _init_ray(opts: StudyOptions) -> None:
+    """Local Ray by default; ``--address`` joins a cluster and ships this project to it."""
+    import ray
+
+    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("JEPA_STUDY_CACHE", "JEPA_STUDY_DATA"):
+        if key in os.environ:
+            env_vars[key] = os.environ[key]
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if opts.address:
+        runtime_env.update(working_dir=str(PROJECT_ROOT), excludes=RUNTIME_EXCLUDES)
+    if ray.is_initialized():
+        return
+    ray.init(address=opts.address, runtime_env=runtime_env, include_dashboard=False,
+             log_to_driver=opts.verbose > 1, configure_logging=True,
+             logging_level=logging.WARNING)
+
+
+# -- reading a study ------------------------------------------------------------------------
+
+def summarize(study_dir: Path, grid, spec, wall_s: float) -> dict[str, Any]:
+    """Best trial by the study's metric, counts by state, and where to look."""
+    meta = load_meta(study_dir)
+    metric = spec.metric if isinstance(spec.metric, str) else spec.metric[0]
+    mode = spec.mode if isinstance(spec.mode, str) else spec.mode[0]
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        rows.append({"trial_id": m.get("trial_id"), "error": result.error is not None,
+                     metric: m.get(metric), "test_ndcg_at_10": _final_test(study_dir, m.get("trial_id")),
+                     "epoch": m.get("epoch")})
+    scored = [r for r in rows if isinstance(r[metric], (int, float)) and r[metric] == r[metric]]
+    best = (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
+    summary = {"study_dir": str(study_dir), "name": meta["name"], "trials": len(rows),
+               "errored": sum(r["error"] for r in rows), "wall_s": round(wall_s, 1),
+               "metric": metric, "best": best, "mlflow_uri": meta["mlflow_uri"]}
+    (study_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _final_test(study_dir: Path, trial_id: str | None) -> float | None:
+    """A trial's test nDCG@10 from its metrics.json (written by the loop at the end)."""
+    try:
+        path = study_dir / "trials" / str(trial_id) / "metrics.json"
+        return json.loads(path.read_text())["test"]["test_ndcg_at_10"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_space_num(meta: dict[str, Any]) -> int:
+    from search_spaces.space import load_space
+
+    return load_space(meta["space_file"]).num_samples
+
+
+def status(study: str | Path) -> dict[str, Any]:
+    """Trials done / running / failed, from Tune's state and the Optuna storage."""
+    import optuna
+
+    meta = load_meta(study)
+    storage = optuna.storages.RDBStorage(optuna_url(meta["dir"]))
+    counts: dict[str, int] = {}
+    best = None
+    try:
+        ostudy = optuna.load_study(study_name=meta["name"], storage=storage)
+        for t in ostudy.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        complete = [t for t in ostudy.trials if t.state.name == "COMPLETE"]
+        if complete and len(ostudy.directions) == 1:
+            best = {"value": ostudy.best_value, "params": ostudy.best_params}
+    except KeyError:
+        pass
+    opts = StudyOptions(**meta["options"])
+    return {"study_dir": str(meta["dir"]), "name": meta["name"], "optuna_trials": counts,
+            "requested": opts.num_samples or load_space_num(meta), "best": best,
+            "finished": (meta["dir"] / "summary.json").exists()}

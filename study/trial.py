@@ -1,0 +1,413 @@
+"""One study trial as a Ray Tune function trainable, run in-process or as a Ray Train run.
+
+Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is no longer a Tune trainable. A trial is
+therefore a Tune *function* trainable that either
+
+* ``direct``: runs the training loop in the trial's own actor, reporting every epoch with
+  ``ray.tune.report`` and resuming from ``ray.tune.get_checkpoint()`` on Tune's retries. This
+  is the single-worker CPU fast path: it skips the Train controller and worker group, which
+  cost ~15 s of start-up per trial on 2 cores (~3 s for a direct trial, Tune's own); or
+* ``train``: acts as the driver of a ``TorchTrainer`` run ("Train inside Tune"). The workers
+  report with ``ray.train.report``; ``TuneReportCallback`` forwards rank 0's metrics to Tune.
+  The Train run is named ``<study>-<trial_id>`` under ``<study_dir>/train``, so a retried or
+  restored trial finds its own run's checkpoints again and resumes from the newest one.
+
+Both paths report exactly one result per epoch (the loop's metrics plus ``trial_startup_s``)
+and attach that epoch's checkpoint directory. The trial is deterministic given its config: the
+seed comes from the run config, torch's thread count from ``cpus_per_worker`` and a resumed
+trial continues from the checkpoint it last reported (never from a newer, unreported one).
+
+Divergence (the loop raising ``TrainingDiverged``): the trial reports one last result with
+``stop_reason``, ``diverged=True`` and NaN for the objective, with a checkpoint holding only
+``DIVERGED.json`` (Tune and Train both take a run's result from its latest checkpoint), writes
+``DIVERGED.json`` beside its outputs and raises
+:class:`TrialDiverged`. Tune marks the trial ERROR and calls the searcher with
+``error=True``, which OptunaSearch records as FAIL. Returning normally instead would leave the
+Optuna trial RUNNING forever (``study.tell`` rejects a NaN value), and a finite stand-in value
+would be a silent lie. Tune's own retries of a diverged trial stop at the marker at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+EXECUTIONS = ("auto", "direct", "train")
+STOP_REASON = "stop_reason"
+DIVERGED_MARKER = "DIVERGED.json"
+# The Train driver only launches and watches the workers, which reserve their own resources
+# in their own placement group. A whole CPU for it would deadlock small machines (two drivers
+# holding both CPUs of a 2-core node, each waiting for a CPU for its one worker) and even a
+# fraction of one costs a whole trial where the workers fill the node exactly (2 x 1.01 > 2).
+# Tune refuses an all-zero request, so the driver reserves a token of (logical) memory only.
+DRIVER_MEMORY = 256 * 2**20
+
+Report = Callable[[dict[str, Any], Path], None]
+
+
+class TrialDiverged(RuntimeError):
+    """Training diverged; the trial is over and must count as failed, not as a score."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial needs besides its Tune config; plain data, so it pickles anywhere."""
+
+    study_dir: str
+    num_workers: int = 1
+    use_gpu: bool = False
+    gpus_per_worker: float = 1
+    cpus_per_worker: float = 1
+    max_failures: int = 2
+    loop: str = "trainables.loop:train"
+    objective_keys: tuple[str, ...] = ("dev_ndcg_at_10",)
+    keep_checkpoints: int | None = 2
+
+    @property
+    def study(self) -> str:
+        return Path(self.study_dir).name
+
+    def output_dir(self, trial_id: str) -> Path:
+        return trial_output_dir(Path(self.study_dir), trial_id)
+
+    def train_run_name(self, trial_id: str) -> str:
+        return f"{self.study}-{trial_id}"
+
+
+# -- resources -----------------------------------------------------------------------------
+
+def resolve_execution(execution: str, num_workers: int, use_gpu: bool) -> str:
+    """``auto`` -> ``direct`` for one CPU worker, else ``train``; checks explicit choices."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if execution == "auto":
+        return "direct" if num_workers == 1 and not use_gpu else "train"
+    if execution == "direct" and num_workers != 1:
+        raise ValueError("execution='direct' runs the loop in the trial itself: "
+                         f"num_workers must be 1, got {num_workers}")
+    return execution
+
+
+def trial_resources(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1,
+                    gpus_per_worker: float = 1, execution: str = "auto") -> dict[str, float]:
+    """What the Tune trial itself must reserve, for ``tune.with_resources``.
+
+    ``direct``: the trial is the worker, so it reserves the worker's CPUs (and GPU). ``train``:
+    the trial is only the Train driver and reserves no CPU, only :data:`DRIVER_MEMORY` bytes
+    of logical memory (Tune needs some resource in the request); the Train workers
+    reserve theirs in their own placement group when the run starts. Combine with
+    :func:`max_concurrent_trials` so that drivers do not pile up waiting for workers.
+    """
+    mode = resolve_execution(execution, num_workers, use_gpu)
+    if mode == "direct":
+        return {"cpu": float(cpus_per_worker), "gpu": float(gpus_per_worker) if use_gpu else 0.0}
+    return {"cpu": 0.0, "gpu": 0.0, "memory": float(DRIVER_MEMORY)}
+
+
+def max_concurrent_trials(total_cpus: float, total_gpus: float = 0, *, num_workers: int = 1,
+                          use_gpu: bool = False, cpus_per_worker: float = 1,
+                          gpus_per_worker: float = 1, execution: str = "auto") -> int:
+    """How many trials fit at once (for ``TuneConfig(max_concurrent_trials=...)``).
+
+    Counts the trial's own reservation plus, in ``train`` mode, its workers'. Raises when not
+    even one trial fits: a Train run would otherwise wait for its workers forever.
+    """
+    mode = resolve_execution(execution, num_workers, use_gpu)
+    own = trial_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker, execution)
+    cpus, gpus = own["cpu"], own["gpu"]
+    if mode == "train":
+        cpus += num_workers * cpus_per_worker
+        gpus += num_workers * gpus_per_worker if use_gpu else 0.0
+    fits = [math.floor(total_cpus / cpus + 1e-9)] if cpus else []
+    if gpus:
+        fits.append(math.floor(total_gpus / gpus + 1e-9))
+    n = min(fits) if fits else 1
+    if n < 1:
+        raise ValueError(f"one trial needs {cpus:g} CPU and {gpus:g} GPU but the cluster has "
+                         f"{total_cpus:g} CPU and {total_gpus:g} GPU: no trial could start")
+    return n
+
+
+def trial_output_dir(study_dir: Path, trial_id: str) -> Path:
+    """Where a trial's loop writes (checkpoints, ``metrics.json``, ``config.yaml``)."""
+    return Path(study_dir) / "trials" / trial_id
+
+
+# -- the trainable -------------------------------------------------------------------------
+
+def make_trainable(*, study_dir: Path, num_workers: int = 1, use_gpu: bool = False,
+                   gpus_per_worker: float = 1, cpus_per_worker: float = 1,
+                   max_failures: int = 2, execution: str = "auto",
+                   loop: str = "trainables.loop:train",
+                   config_builder: Callable[[dict], dict] | None = None,
+                   objective_keys: Sequence[str] = ("dev_ndcg_at_10",),
+                   keep_checkpoints: int | None = 2,
+                   shared: dict[str, Any] | None = None) -> Callable[[dict], None]:
+    """Returns the Tune function trainable ``(config) -> None`` of a study.
+
+    Args:
+        study_dir: the study's directory; trials write under ``trials/<trial_id>`` and Train
+            runs under ``train/``. Resolved here, because Tune changes the trial's cwd.
+        num_workers, use_gpu, gpus_per_worker, cpus_per_worker: the training's scale.
+        max_failures: worker-group restarts per Train run (``train`` mode only; in ``direct``
+            mode set ``tune.RunConfig(failure_config=tune.FailureConfig(...))``).
+        execution: ``direct``, ``train`` or ``auto`` (see the module docstring).
+        loop: ``"module:function"`` of the training loop (``trainables.loop.train``'s
+            signature), imported inside the worker.
+        config_builder: maps the Tune config to a full run-config dict; None: the Tune
+            config is the run-config dict.
+        objective_keys: metrics set to NaN in a diverged trial's last report (every numeric
+            metric of the previous epoch is too), so Tune's strict metric check accepts it.
+        keep_checkpoints: checkpoints a Train run keeps in storage (None: all).
+        shared: extra keyword arguments of the loop shared by all trials (``data``,
+            ``features``); ``ray.put`` them once and pass the ObjectRefs, which each trial
+            (or Train worker) resolves with ``ray.get`` instead of loading its own copy.
+    """
+    mode = resolve_execution(execution, num_workers, use_gpu)
+    spec = TrialSpec(study_dir=str(Path(study_dir).expanduser().resolve()),
+                     num_workers=num_workers, use_gpu=use_gpu, gpus_per_worker=gpus_per_worker,
+                     cpus_per_worker=cpus_per_worker, max_failures=max_failures, loop=loop,
+                     objective_keys=tuple(objective_keys), keep_checkpoints=keep_checkpoints)
+
+    def trainable(config: dict) -> None:
+        entered = time.time()
+        run_config = config_builder(dict(config)) if config_builder else dict(config)
+        if mode == "direct":
+            _run_direct(spec, run_config, entered, shared or {})
+        else:
+            _run_train(spec, run_config, entered, shared or {})
+
+    trainable.__name__ = trainable.__qualname__ = f"jepa_trial_{mode}"
+    return trainable
+
+
+def _run_direct(spec: TrialSpec, run_config: dict, entered: float,
+                shared: dict[str, Any]) -> None:
+    """The loop in this process; Tune checkpoints are the loop's own checkpoint dirs."""
+    import ray.tune
+
+    out_dir = spec.output_dir(ray.tune.get_context().get_trial_id())
+    _stop_if_diverged_before(out_dir)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        # ray.tune.report only takes ray.tune.Checkpoint, not ray.train.Checkpoint.
+        ray.tune.report(metrics,
+                        checkpoint=ray.tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    with _resume_dir(ray.tune.get_checkpoint(), out_dir) as resume_from:
+        _stop_if_diverged_before(resume_from)
+        stopped = _run_loop(spec, run_config, out_dir=out_dir, resume_from=resume_from,
+                            report=report, entered=entered, shared=shared)
+    if stopped is not None:
+        # Reported with a checkpoint holding only the marker: Tune's retry restores a trial's
+        # last_result from its latest checkpoint, so without one a retry would put the last
+        # good epoch back as the trial's result; with it, the retry also stops at once.
+        holder = _marker_checkpoint(out_dir, stopped)
+        ray.tune.report(stopped, checkpoint=ray.tune.Checkpoint.from_directory(str(holder)))
+        raise TrialDiverged(stopped[STOP_REASON])
+
+
+def _run_train(spec: TrialSpec, run_config: dict, entered: float,
+               shared: dict[str, Any]) -> None:
+    """Drives a TorchTrainer run named after the trial; raises what the run raised."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    out_dir = spec.output_dir(trial_id)
+    _stop_if_diverged_before(out_dir)
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = spec.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"spec": asdict(spec), "run_config": run_config,
+                           "out_dir": str(out_dir), "entered": entered, "shared": shared},
+        scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers,
+                                               use_gpu=spec.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=spec.train_run_name(trial_id),
+            storage_path=str(Path(spec.study_dir) / "train"),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+            callbacks=[TuneReportCallback()],  # needs the Tune session: build it here
+        ),
+    )
+    result = trainer.fit()
+    stopped = dict(result.metrics or {})
+    if stopped.get(STOP_REASON):
+        _write_marker(out_dir, stopped)
+        raise TrialDiverged(stopped[STOP_REASON])
+
+
+def _train_worker(config: dict) -> None:
+    """One Ray Train worker: every rank reports each epoch, rank 0 attaches the checkpoint."""
+    import ray.train
+
+    spec = TrialSpec(**config["spec"])
+    rank = ray.train.get_context().get_world_rank()
+    out_dir = Path(config["out_dir"])
+    if rank:  # ranks > 0 write no checkpoints; a private directory keeps them off rank 0's
+        out_dir = out_dir / f"rank{rank}"
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if rank == 0 \
+            else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    with _resume_dir(ray.train.get_checkpoint(), out_dir) as resume_from:
+        if _diverged_in(resume_from) is not None:
+            return  # restored a diverged run: its Result already holds the stop result
+        stopped = _run_loop(spec, config["run_config"], out_dir=out_dir,
+                            resume_from=resume_from, report=report, entered=config["entered"],
+                            shared=config["shared"])
+    if stopped is not None:
+        # Every rank reports (the report is a barrier). Rank 0 attaches the marker checkpoint:
+        # the Train Result's metrics are those of the latest *checkpoint*, so a metrics-only
+        # report would never reach the driver.
+        holder = _marker_checkpoint(out_dir, stopped) if rank == 0 else None
+        ray.train.report(stopped, checkpoint=ray.train.Checkpoint.from_directory(str(holder))
+                         if holder else None)
+
+
+# -- shared pieces -------------------------------------------------------------------------
+
+def _run_loop(spec: TrialSpec, run_config: dict, *, out_dir: Path, resume_from: Path | None,
+              report: Report, entered: float,
+              shared: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs the loop, reporting each epoch; returns the stop result if it diverged."""
+    import ray
+    import torch
+
+    from trainables.config import RunConfig
+
+    cfg = RunConfig.from_dict(run_config, "trial config")
+    loop = _import(spec.loop)
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    started = time.time()
+    last: dict[str, Any] = {}
+
+    def callback(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        plain = {k: _plain(v) for k, v in metrics.items()}
+        plain["trial_startup_s"] = started - entered
+        # The first result fixes progress.csv's columns: name the stop columns from the start.
+        plain.setdefault(STOP_REASON, "")
+        plain.setdefault("diverged", False)
+        last.clear()
+        last.update(plain)
+        report(plain, Path(checkpoint_dir))
+
+    try:
+        extra = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v
+                 for k, v in shared.items() if v is not None}
+        loop(cfg, out_dir=out_dir, callback=callback, resume_from=resume_from, progress=False,
+             **extra)
+    except Exception as exc:
+        reason = _divergence_reason(exc, spec.loop)
+        if reason is None:
+            raise
+        stopped = {k: math.nan for k, v in last.items()
+                   if isinstance(v, float) and k != "trial_startup_s"}
+        stopped.update({k: math.nan for k in spec.objective_keys})
+        stopped.update({"epoch": int(last.get("epoch", 0)) + 1, "diverged": True,
+                        STOP_REASON: f"diverged: {reason}"})
+        return stopped
+    return None
+
+
+@contextlib.contextmanager
+def _resume_dir(checkpoint: Any, out_dir: Path) -> Iterator[Path | None]:
+    """The reported checkpoint as a directory, or None after clearing unreported ones.
+
+    Without a reported checkpoint the run starts afresh; the loop would otherwise resume from
+    the newest checkpoint it finds in ``out_dir``, which may be an epoch that was written but
+    never reported (the attempt failed between the two), and that epoch would never reach Tune.
+    """
+    if checkpoint is None:
+        if out_dir.exists():
+            for child in out_dir.iterdir():
+                if child.name != DIVERGED_MARKER and not child.name.startswith("rank"):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        yield None
+        return
+    with checkpoint.as_directory() as path:
+        yield Path(path)
+
+
+def _write_marker(out_dir: Path, stopped: dict[str, Any]) -> Path:
+    """Records a divergence beside the trial's outputs (read by later attempts and people)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / DIVERGED_MARKER
+    marker.write_text(json.dumps({k: _plain(v) for k, v in stopped.items()}, default=str,
+                                 indent=1))
+    return marker
+
+
+def _marker_checkpoint(out_dir: Path, stopped: dict[str, Any]) -> Path:
+    """A checkpoint directory holding only the divergence marker."""
+    holder = out_dir / "diverged_checkpoint"
+    holder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(_write_marker(out_dir, stopped), holder / DIVERGED_MARKER)
+    return holder
+
+
+def _diverged_in(directory: Path | None) -> dict[str, Any] | None:
+    marker = directory / DIVERGED_MARKER if directory is not None else None
+    if marker is None or not marker.exists():
+        return None
+    return json.loads(marker.read_text())
+
+
+def _stop_if_diverged_before(directory: Path | None) -> None:
+    """Tune's retries would only diverge again (the run is deterministic): fail at once."""
+    found = _diverged_in(directory)
+    if found is not None:
+        reason = found.get(STOP_REASON, "diverged")
+        raise TrialDiverged(f"{reason} (earlier attempt; delete "
+                            f"{directory / DIVERGED_MARKER} to retry)")
+
+
+def _divergence_reason(exc: BaseException, loop_path: str) -> str | None:
+    """``exc.reason`` if ``exc`` is the loop's ``TrainingDiverged`` (looked up lazily)."""
+    module = _import(loop_path).__module__
+    cls = getattr(importlib.import_module(module), "TrainingDiverged", None)
+    if isinstance(cls, type) and isinstance(exc, cls):
+        return str(getattr(exc, "reason", exc))
+    if isinstance(exc, TrialDiverged) or any(
+            c.__name__ == "TrainingDiverged" for c in type(exc).__mro__):
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
+def _import(path: str | Callable) -> Callable:
+    if callable(path):
+        return path
+    module, _, name = path.partition(":")
+    if not name:
+        module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numpy scalars as Python numbers (Tune refuses tensors in metrics)."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        return item()
+    return value
