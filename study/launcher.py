@@ -121,31 +121,6 @@ class TrialConfigBuilder:
         return yaml.safe_dump(self(params), sort_keys=False)
 
 
-class CollapseStopper:
-    """Tune stopper: ends a trial whose effective rank falls below a threshold.
-
-    The reason is written to ``<study_dir>/stops/<trial_id>.txt`` so that the MLflow
-    callback (and a person) can read it after the trial ends, whichever process asks.
-    """
-
-    def __init__(self, study_dir: str, metric: str, minimum: float):
-        self.study_dir, self.metric, self.minimum = study_dir, metric, minimum
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        value = result.get(self.metric)
-        if value is None or value >= self.minimum:
-            return False
-        stops = Path(self.study_dir) / "stops"
-        stops.mkdir(parents=True, exist_ok=True)
-        (stops / f"{trial_id}.txt").write_text(
-            f"collapse: {self.metric} {value:.3g} < {self.minimum:g} at epoch "
-            f"{result.get('epoch')}")
-        return True
-
-    def stop_all(self) -> bool:
-        return False
-
-
 class StopReasons:
     """Why a trial that ended without error ended: collapse guard, ASHA, or completion."""
 
@@ -337,8 +312,18 @@ def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, m
     searcher = spec.searcher(storage_url=optuna_url(study_dir), study_name=name)
     stopper = None
     if spec.collapse_guard is not None:
+        from study.stoppers import CollapseStopper
+
         stopper = CollapseStopper(str(study_dir), spec.collapse_guard.metric,
                                   spec.collapse_guard.min_effective_rank)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic table takes chosen columns
+    reporter = tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "dev_ndcg_at_10": "dev nDCG@10",
+                        "dev_predictor_ndcg_at_10": "pred nDCG@10",
+                        "effective_rank": "eff. rank"},
+        parameter_columns={p: p.split(".")[-1] for p in spec.parameters},
+        sort_by_metric=metric is not None,
+        max_report_frequency=15, print_intermediate_tables=True)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=metric,
@@ -347,7 +332,7 @@ def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, m
         run_config=tune.RunConfig(
             name=name, storage_path=str(study_dir / "ray"), stop=stopper, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-            verbose=opts.verbose),
+            verbose=opts.verbose, progress_reporter=reporter),
     )
 
 

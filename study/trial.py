@@ -302,10 +302,14 @@ def _run_loop(spec: TrialSpec, run_config: dict, *, out_dir: Path, resume_from: 
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     started = time.time()
     last: dict[str, Any] = {}
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()  # where the trial ran (spread checks)
 
     def callback(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         plain = {k: _plain(v) for k, v in metrics.items()}
         plain["trial_startup_s"] = started - entered
+        plain["node_id"] = node_id
         # The first result fixes progress.csv's columns: name the stop columns from the start.
         plain.setdefault(STOP_REASON, "")
         plain.setdefault("diverged", False)
