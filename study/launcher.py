@@ -321,7 +321,7 @@ def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, m
         metric_columns={"epoch": "epoch", "dev_ndcg_at_10": "dev nDCG@10",
                         "dev_predictor_ndcg_at_10": "pred nDCG@10",
                         "effective_rank": "eff. rank"},
-        parameter_columns={p: p.split(".")[-1] for p in spec.parameters},
+        parameter_columns=_always_suggested(spec),
         sort_by_metric=metric is not None,
         max_report_frequency=15, print_intermediate_tables=True)
     return tune.Tuner(
@@ -334,6 +334,22 @@ def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, m
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             verbose=opts.verbose, progress_reporter=reporter),
     )
+
+
+def _always_suggested(spec) -> dict[str, str]:
+    """Table columns: parameters every trial has (Tune's table fails on absent keys)."""
+    from search_spaces.space import SWITCH
+
+    columns = {}
+    for path, p in spec.parameters.items():
+        if p.when:
+            continue
+        short = path.split(".")[-1]
+        if getattr(p, "zero", False):
+            columns[path + SWITCH] = short + " on"
+        else:
+            columns[path] = short
+    return columns
 
 
 def _num_samples(opts: StudyOptions, spec) -> int:
@@ -379,7 +395,7 @@ def summarize(study_dir: Path, grid, spec, wall_s: float) -> dict[str, Any]:
     for result in grid:
         m = result.metrics or {}
         rows.append({"trial_id": m.get("trial_id"), "error": result.error is not None,
-                     metric: m.get(metric), "test_ndcg_at_10": _final_test(study_dir, m.get("trial_id")),
+                     metric: m.get(metric), "test_ndcg_at_10": m.get("test_ndcg_at_10"),
                      "epoch": m.get("epoch")})
     scored = [r for r in rows if isinstance(r[metric], (int, float)) and r[metric] == r[metric]]
     best = (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
@@ -388,15 +404,6 @@ def summarize(study_dir: Path, grid, spec, wall_s: float) -> dict[str, Any]:
                "metric": metric, "best": best, "mlflow_uri": meta["mlflow_uri"]}
     (study_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
-
-
-def _final_test(study_dir: Path, trial_id: str | None) -> float | None:
-    """A trial's test nDCG@10 from its metrics.json (written by the loop at the end)."""
-    try:
-        path = study_dir / "trials" / str(trial_id) / "metrics.json"
-        return json.loads(path.read_text())["test"]["test_ndcg_at_10"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def load_space_num(meta: dict[str, Any]) -> int:

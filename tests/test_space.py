@@ -85,7 +85,8 @@ def test_shipped_spaces_and_presets_load():
 def test_shipped_space_settings():
     quick = load_space("quick")
     cfg = quick.base_config()
-    assert (cfg.train.epochs, cfg.train.batch_size, quick.num_samples) == (3, 64, 4)
+    assert (cfg.train.epochs, cfg.train.batch_size, quick.num_samples) == (5, 64, 8)
+    assert quick.scheduler.kind == "asha" and quick.scheduler.grace_period == 2
     assert any(p.get(f"loss.lambda_con{SWITCH}") for p in quick.points())
     core = load_space("jepa_core")
     assert core.num_samples == 32 and core.scheduler.kind == "asha"
