@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.optuna import OptunaSearch
 
+if TYPE_CHECKING:
     from search_spaces.space import SpaceSpec
 
 
@@ -40,6 +40,34 @@ def build_searcher(space: "SpaceSpec", metric: str | list[str], mode: str | list
     points = space.points()
     if storage is not None and study_name in optuna.study.get_all_study_names(storage):
         points = []
-    return OptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
+    return ResumableOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
                         points_to_evaluate=points or None, sampler=sampler,
                         study_name=study_name, storage=storage)
+
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` whose ``on_trial_complete`` is idempotent.
+
+    A driver killed after a trial finished but before Tune saved its experiment state
+    restores that trial as unfinished; Tune completes it again and OptunaSearch would tell
+    Optuna a second time, which raises ``UpdateFinishedTrialError`` and ends the study. The
+    storage already holds the result, so the second tell is dropped.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        import optuna
+
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # a finished trial replayed after a restore: Optuna already has it
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        import optuna
+
+        try:
+            super().on_trial_complete(trial_id, result, error)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self._ot_trials.pop(trial_id, None)

@@ -237,6 +237,9 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
         features = load_or_compute(data, base.model.base_model, base.model.max_seq_length)
 
     started = time.time()
+    # Save Tune's experiment state every second (default: every 10 s or more), so that a
+    # killed driver loses at most a second of trial bookkeeping.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     _init_ray(opts)
     try:
         shared = {"data": ray.put(data), "features": ray.put(features) if features else None}

@@ -260,6 +260,7 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                 net, model, criterion, optimizer, scheduler, batches, pairs, negatives,
                 cfg, epoch, step, rank, world, use_amp, progress and rank == 0)
             metrics = {"epoch": epoch, "phase_index": phase_index, "phase": phase.name,
+                       "world_size": world,
                        **{f"train_{k}": v for k, v in train_parts.items()},
                        "lr": scheduler.get_last_lr()[-1]}
             metrics.update(_evaluate(model, batches, data, features, splits["dev"], cfg, "dev"))

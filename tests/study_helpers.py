@@ -1,0 +1,66 @@
+"""Small study spaces and readers shared by the study, reliability and analysis tests."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from analysis import schema as S
+
+
+def tiny_space(tmp_path: Path, name: str = "tiny", *, num_samples: int = 4, epochs: int = 2,
+               steps: int = 3, scheduler: str = "fifo", extra_base: dict | None = None,
+               parameters: dict | None = None, **top: Any) -> Path:
+    """A quick-like space that costs a few seconds a trial on cached SciFact features."""
+    base = {"train": {"epochs": epochs, "max_steps_per_epoch": steps}}
+    for section, values in (extra_base or {}).items():
+        base.setdefault(section, {}).update(values)
+    space = {
+        "name": name, "base_preset": "hybrid", "base": base,
+        "metric": "dev_ndcg_at_10", "mode": "max", "num_samples": num_samples,
+        "searcher": {"kind": "tpe", "seed": 0, "n_startup_trials": 2},
+        "scheduler": {"kind": scheduler},
+        "parameters": parameters or {
+            "loss.lambda_pred": {"type": "float", "low": 0.1, "high": 2.0, "log": True,
+                                 "zero": True},
+            "model.predictor.depth": {"type": "int", "low": 1, "high": 3},
+            "loss.stopgrad": {"type": "categorical", "choices": [True, False]},
+        },
+        **top,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def child_runs(uri: str, study: str) -> list:
+    """Every child (trial) run of a study, any status."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(S.experiment_name(study))
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`{S.TAG_ROLE}` = '{S.ROLE_TRIAL}'",
+                              max_results=1000)
+
+
+def parent_runs(uri: str, study: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(S.experiment_name(study))
+    return client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`{S.TAG_ROLE}` = '{S.ROLE_STUDY}'")
+
+
+def optuna_states(study_dir: Path) -> dict[str, int]:
+    """Optuna trial states by count, read straight from the RDB storage."""
+    with sqlite3.connect(study_dir / "optuna.db") as db:
+        rows = db.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall()
+    return {state: n for state, n in rows}
+
+
+def metric_steps(uri: str, run_id: str, key: str = "dev_ndcg_at_10") -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))

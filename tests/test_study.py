@@ -1,0 +1,193 @@
+"""The study end to end: real Ray Tune, Ray Train, Optuna and MLflow on SciFact (CPU, small).
+
+Trials train only the heads over cached base features, so a trial costs seconds; the time
+goes to Ray's start-up, which is why each test runs one small study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from mlflow_fixtures import free_port, mlflow_server  # noqa: F401
+from study_helpers import child_runs, metric_steps, optuna_states, parent_runs, tiny_space
+
+from analysis import schema as S
+from search_spaces.space import SpaceError
+from study.launcher import StudyError, StudyOptions, launch, load_meta, resume, status
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_left():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _opts(space: Path, storage: Path, scifact_dir: Path, **kw) -> StudyOptions:
+    return StudyOptions(space=str(space), storage=str(storage), data=str(scifact_dir),
+                        verbose=0, **kw)
+
+
+def test_quick_study_tracks_every_trial(tmp_path, scifact_dir, scifact_features):
+    space = tiny_space(tmp_path, "e2e", num_samples=4, epochs=2)
+    summary = launch(_opts(space, tmp_path / "studies", scifact_dir))
+    study_dir = Path(summary["study_dir"])
+    uri = load_meta(study_dir)["mlflow_uri"]
+    assert summary["trials"] == 4 and summary["errored"] == 0
+    assert summary["best"]["dev_ndcg_at_10"] > 0.6
+
+    (parent,) = parent_runs(uri, "e2e")
+    children = child_runs(uri, "e2e")
+    assert len(children) == 4
+    assert {c.data.tags[S.TAG_PARENT_RUN_ID] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags[S.TAG_TRIAL_ID] for c in children}) == 4
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert metric_steps(uri, child.info.run_id) == [1, 2]
+        assert "test_ndcg_at_10" in child.data.metrics  # the last epoch's final report
+        assert child.data.params["model.freeze_base"] == "True"
+        assert "config.yaml" in [a.path for a in MlflowClient(uri).list_artifacts(
+            child.info.run_id)]
+    assert parent.info.status == "FINISHED" and parent.data.params["ray_version"] == ray.__version__
+
+    # the Optuna storage holds the same trials, with the same objective values
+    assert optuna_states(study_dir) == {"COMPLETE": 4}
+    import optuna
+
+    ostudy = optuna.load_study(study_name="e2e", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    mlflow_best = max(c.data.metrics["dev_ndcg_at_10"] for c in children)
+    assert ostudy.best_value == pytest.approx(mlflow_best)
+    assert status(study_dir)["optuna_trials"] == {"COMPLETE": 4}
+
+
+def test_invalid_space_fails_before_ray(tmp_path, scifact_dir):
+    space = tiny_space(tmp_path, "bad", parameters={
+        "model.predictor.depth": {"type": "int", "low": 0, "high": 3}})
+    with pytest.raises(SpaceError, match=r"bad\.yaml.*model\.predictor\.depth"):
+        launch(_opts(space, tmp_path / "studies", scifact_dir))
+    assert not ray.is_initialized()
+    assert not (tmp_path / "studies").exists()
+
+
+def test_unreachable_tracking_server_fails_before_ray(tmp_path, scifact_dir):
+    space = tiny_space(tmp_path, "noserver")
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(StudyError, match="does not answer"):
+        launch(_opts(space, tmp_path / "studies", scifact_dir, mlflow_uri=uri))
+    assert not ray.is_initialized()
+
+
+def test_study_against_a_real_mlflow_server(tmp_path, scifact_dir, scifact_features,
+                                            mlflow_server):  # noqa: F811
+    uri = mlflow_server.wait().uri
+    space = tiny_space(tmp_path, "served", num_samples=2, epochs=2)
+    launch(_opts(space, tmp_path / "studies", scifact_dir, mlflow_uri=uri))
+    # check over the server's REST API, as any other client would
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"{uri}/api/2.0/mlflow/{path}", method="POST",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    with urllib.request.urlopen(
+            f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name="
+            f"{S.experiment_name('served').replace('/', '%2F')}", timeout=10) as resp:
+        exp_id = json.loads(resp.read())["experiment"]["experiment_id"]
+    parent = post("runs/search", {"experiment_ids": [exp_id],
+                                  "filter": f"tags.`{S.TAG_ROLE}` = 'study'"})["runs"][0]
+    children = post("runs/search", {
+        "experiment_ids": [exp_id],
+        "filter": f"tags.`{S.TAG_PARENT_RUN_ID}` = '{parent['info']['run_id']}'"})["runs"]
+    assert len(children) == 2
+    for child in children:
+        keys = {m["key"] for m in child["data"]["metrics"]}
+        assert {"dev_ndcg_at_10", "effective_rank", "train_loss"} <= keys
+        assert child["info"]["status"] == "FINISHED"
+
+
+def test_two_node_cluster_spreads_trials(tmp_path, scifact_dir, scifact_features):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        space = tiny_space(tmp_path, "spread", num_samples=4, epochs=2, steps=8)
+        summary = launch(_opts(space, tmp_path / "studies", scifact_dir,
+                               address=cluster.address))
+        assert summary["trials"] == 4 and summary["errored"] == 0
+        nodes = set()
+        for result in Path(summary["study_dir"], "ray", "spread").glob("*/result.json"):
+            for line in result.read_text().splitlines():
+                nodes.add(json.loads(line)["node_id"])
+        assert len(nodes) == 2, nodes
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+def test_train_mode_runs_ddp_over_two_workers(tmp_path, scifact_dir, scifact_features):
+    space = tiny_space(tmp_path, "ddp", num_samples=1, epochs=2)
+    summary = launch(_opts(space, tmp_path / "studies", scifact_dir, num_workers=2,
+                           execution="train"))
+    assert summary["errored"] == 0
+    (child,) = child_runs(load_meta(summary["study_dir"])["mlflow_uri"], "ddp")
+    assert child.data.metrics["world_size"] == 2
+    assert metric_steps(load_meta(summary["study_dir"])["mlflow_uri"],
+                        child.info.run_id) == [1, 2]
+
+
+def _launch_cli(space: Path, storage: Path, scifact_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "study.cli", "launch", "--space", str(space), "--storage",
+         str(storage), "--data", str(scifact_dir), "--max-concurrent-trials", "1"],
+        cwd=tmp_cwd(storage), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def tmp_cwd(storage: Path) -> Path:
+    storage.mkdir(parents=True, exist_ok=True)
+    return storage
+
+
+def test_resume_after_killing_the_driver(tmp_path, scifact_dir, scifact_features):
+    space = tiny_space(tmp_path, "killed", num_samples=4, epochs=3, steps=6)
+    storage = tmp_path / "studies"
+    study_dir = storage / "killed"
+    proc = _launch_cli(space, storage, scifact_dir)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (study_dir / "optuna.db").exists() and \
+                    optuna_states(study_dir).get("COMPLETE", 0) >= 1:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the study ended before it could be killed"
+        assert optuna_states(study_dir).get("COMPLETE", 0) < 4
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
+    summary = resume(study_dir)
+    uri = load_meta(study_dir)["mlflow_uri"]
+    assert optuna_states(study_dir).get("COMPLETE", 0) == 4
+    children = child_runs(uri, "killed")
+    trial_ids = [c.data.tags[S.TAG_TRIAL_ID] for c in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 4  # one run per trial, no duplicates
+    for child in children:
+        steps = metric_steps(uri, child.info.run_id)
+        assert steps == sorted(set(steps)) == [1, 2, 3]
+    assert summary["trials"] == 4
