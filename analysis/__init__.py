@@ -1,0 +1,43 @@
+"""Reading a study back: MLflow runs into pandas, views, the HTML report, config export and
+the paired predictor comparison.
+
+The public names are re-exported here lazily (PEP 562): ``study/tracking.py`` imports
+``analysis.schema`` on every trial, and that must not pull in pandas, matplotlib or Optuna.
+
+* :mod:`analysis.schema` - the names a study writes to MLflow (writer and readers agree here)
+* :mod:`analysis.runs` - ``load_runs``, ``load_history``, ``load_optuna``, ``find_parent``
+* :mod:`analysis.views` - ``top_k``, ``compare_by``, ``lambda_buckets``, ``importance``,
+  ``optimisation_history`` and the figures
+* :mod:`analysis.report` - ``write_report``, ``log_report``
+* :mod:`analysis.export` - ``export_configs``, ``load_warm_start``
+* :mod:`analysis.paired` - ``pick_pair``, ``paired_predictor_comparison``
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "runs": ["StudyNotFound", "config_from_params", "find_parent", "load_history",
+             "load_optuna", "load_runs", "run_config"],
+    "views": ["KNOBS", "Importances", "compare_by", "history_plot", "importance",
+              "lambda_buckets", "optimisation_history", "parallel_coordinates_plot",
+              "pareto_front", "pareto_plot", "stop_reasons", "top_k"],
+    "report": ["Report", "SECTIONS", "log_report", "render_report", "write_report"],
+    "export": ["export_configs", "load_warm_start"],
+    "paired": ["PairedResult", "PairedStats", "PickedPair", "paired_predictor_comparison",
+               "pick_pair", "t_critical"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"analysis.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

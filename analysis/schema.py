@@ -22,8 +22,9 @@ Non-finite values (NaN, inf) are never logged as metrics; they are recorded in t
 
 from __future__ import annotations
 
+import ast
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 # --- tags ------------------------------------------------------------------------------------
 TAG_STUDY = "jepa.study"  #: the study name, on the parent and on every child run
@@ -35,6 +36,7 @@ TAG_GIT_COMMIT = "jepa.git_commit"  #: the commit of the code that ran the study
 TAG_NONFINITE = "jepa.nonfinite"  #: comma-separated ``key@step`` of NaN/inf metric values
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  #: MLflow's own nesting tag
 TAG_RUN_NAME = "mlflow.runName"  #: MLflow's own run-name tag
+TAG_STUDY_DIR = "jepa.study_dir"  #: the study directory, on the parent run (set by the launcher)
 
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
@@ -52,6 +54,10 @@ STOP_REASON_ORPHANED = "orphaned: driver ended without closing the run"
 # --- artifacts -------------------------------------------------------------------------------
 ARTIFACT_CONFIG = "config.yaml"  #: resolved trial config, on child runs
 ARTIFACT_SPACE = "space.yaml"  #: the study's search space, on the parent run
+ARTIFACT_REPORT = "report"  #: artifact folder of the HTML report and its figures (parent run)
+
+# --- study directory -------------------------------------------------------------------------
+OPTUNA_DB = "optuna.db"  #: Optuna's RDB storage inside the study directory
 
 # --- experiments -----------------------------------------------------------------------------
 EXPERIMENT_PREFIX = "jepa-study/"
@@ -65,6 +71,8 @@ def experiment_name(study: str) -> str:
 # --- metric and param keys -------------------------------------------------------------------
 FINAL_PREFIX = "final_"  #: prefix of metrics from the final evaluation (no step semantics)
 PARAM_SEP = "."  #: separator of flattened nested param names (``model.predictor.depth``)
+SEARCH_PREFIX = "search."  #: params holding a trial's searched values, by Optuna name
+OBJECTIVE = "dev_ndcg_at_10"  #: the default objective (headline dev nDCG@10, per epoch)
 MAX_KEY_LENGTH = 250  #: MLflow's limit on metric/param/tag key length
 MAX_PARAM_VALUE_LENGTH = 6000  #: MLflow's limit on a param value
 MAX_TAG_VALUE_LENGTH = 8000  #: MLflow's limit on a tag value
@@ -97,6 +105,42 @@ def mlflow_key(name: object) -> str:
     if key.startswith(".."):
         key = "_" + key[1:]
     return key or "_"
+
+
+def search_key(optuna_name: str) -> str:
+    """Return the param key of a searched value (``loss.lambda_pred:on`` ->
+    ``search.loss.lambda_pred_on``: the colon of a switch is not a legal key character)."""
+    return mlflow_key(SEARCH_PREFIX + str(optuna_name))
+
+
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^(nan|inf|-inf)$")
+
+
+def parse_param(text: object) -> Any:
+    """Type a param value back from the text MLflow stores (the writer logs ``str(value)``).
+
+    ``True``/``False`` -> bool, ``None`` -> None, integers -> int, decimals -> float,
+    ``[...]``/``{...}`` -> the Python literal when it parses; anything else stays text.
+    Non-strings are returned as they are, so the function is idempotent.
+    """
+    if not isinstance(text, str):
+        return text
+    value = text.strip()
+    if value in ("True", "False", "true", "false"):
+        return value in ("True", "true")
+    if value == "None":
+        return None
+    if _INT.match(value):
+        return int(value)
+    if _FLOAT.match(value):
+        return float(value)
+    if value and value[0] in "[{(" and value[-1] in "]})":
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return text
+    return text
 
 
 def final_key(name: str) -> str:
