@@ -290,7 +290,32 @@ class SpaceSpec(_Strict):
             params[path] = pick(path, spec)
         return params
 
-    def _point(self, item: str | dict[str, Any], where: str) -> dict[str, Any]:
+    def config_point(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A run config (e.g. an exported best config) as a ``points_to_evaluate`` entry.
+
+        Only the searched parameters are taken, clipped into their ranges; a parameter whose
+        ``when`` does not hold is left out and a switched-off one is written as 0, so that the
+        entry can be appended to a space file's ``points_to_evaluate`` (``--warm-start``).
+        """
+        flat = flatten(config)
+        want = {}
+        for path, spec in self.parameters.items():
+            if path in flat:
+                value = flat[path]
+                zero_off = getattr(spec, "zero", False) and value == 0
+                want[path] = value if zero_off or spec.type == "categorical" \
+                    else _clip(value, spec)
+        params = self._point(want, "warm start", strict=False)
+        point: dict[str, Any] = {}
+        for path in self.parameters:
+            if path in params:
+                point[path] = params[path]
+            elif params.get(path + SWITCH) is False:
+                point[path] = 0
+        return point
+
+    def _point(self, item: str | dict[str, Any], where: str,
+               strict: bool = True) -> dict[str, Any]:
         if isinstance(item, str):
             if item not in shipped_presets():
                 raise self._fail(where, f"unknown preset {item!r} (valid: "
@@ -298,7 +323,7 @@ class SpaceSpec(_Strict):
             want = {k: v for k, v in flatten(load_preset(item)).items() if k in self.parameters}
             note, strict = f" (from preset {item})", False
         else:
-            want, note, strict = dict(item), "", True
+            want, note = dict(item), ""
             for key in want:
                 if key not in self.parameters:
                     raise self._fail(f"{where}.{key}", "not a searched parameter (valid: "

@@ -72,7 +72,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
                         cpus_per_worker=args.cpus_per_worker, mlflow_uri=args.mlflow_uri,
                         name=args.name, storage=args.storage,
                         max_concurrent_trials=args.max_concurrent_trials,
-                        execution=args.execution)
+                        execution=args.execution, warm_start=args.warm_start)
     _print_summary(launch(opts))
     return 0
 
@@ -89,6 +89,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     print(json.dumps(status(args.study), indent=1, default=str))
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from study.reporting import study_report
+
+    path = study_report(args.study, out=args.out, paired_seeds=args.paired_seeds)
+    print(f"wrote {path} (also logged on the study's parent MLflow run)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from study.reporting import study_export
+
+    for path in study_export(args.study, top=args.top, metric=args.metric, mode=args.mode,
+                             out=args.out):
+        print(path)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from study.reporting import serve_ui
+
+    return serve_ui(args.study, host=args.host, port=args.port)
 
 
 def _print_summary(summary: dict) -> None:
@@ -125,7 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite store in the study)")
     p.add_argument("--name", help="study name (default: the space's)")
     p.add_argument("--storage", default="studies", help="parent directory of studies")
+    p.add_argument("--warm-start", action="append", default=[], metavar="STUDY_OR_CONFIGS",
+                   help="evaluate these first: a study directory (its top 3 trials), an "
+                   "exported YAML file or a directory of them; repeatable")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("report", help="HTML report of a study, logged to its parent run")
+    p.add_argument("study", help="study directory")
+    p.add_argument("--out", help="HTML file (default <study>/report.html)")
+    p.add_argument("--paired-seeds", type=int, default=0, help="re-train the best λ_pred>0 "
+                   "and λ_pred=0 configs over this many seeds and compare them on test")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write the best trials' configs as YAML files")
+    p.add_argument("study", help="study directory")
+    p.add_argument("--top", type=int, default=1)
+    p.add_argument("--metric", default="dev_ndcg_at_10")
+    p.add_argument("--mode", default="max", choices=["max", "min"])
+    p.add_argument("--out", help="directory (default <study>/exported)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ui", help="MLflow UI on a study's store (127.0.0.1 by default)")
+    p.add_argument("study", nargs="?", help="study directory (default: the newest in studies/)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("resume", help="continue an interrupted study")
     p.add_argument("study", help="study directory")

@@ -167,6 +167,8 @@ def prepare_study(opts: StudyOptions) -> Path:
     space_file = study_dir / "space.yaml"
     space_file.write_text(Path(spec._source).read_text() if Path(spec._source).exists()
                           else _space_yaml(spec))
+    if opts.warm_start:
+        _add_warm_start(space_file, spec, opts.warm_start, study_dir)
     if opts.num_samples is not None:
         pass  # kept in study.json; the space file stays as given
     meta = {"name": name, "options": asdict(opts), "space_file": str(space_file),
@@ -174,6 +176,25 @@ def prepare_study(opts: StudyOptions) -> Path:
             "git_commit": git_commit()}
     (study_dir / "study.json").write_text(json.dumps(meta, indent=1))
     return study_dir
+
+
+def _add_warm_start(space_file: Path, spec, sources: list[str], study_dir: Path) -> None:
+    """Puts earlier best configs first in the study's copy of the space (points_to_evaluate),
+    so the searcher evaluates them before anything else; the copy is validated again."""
+    import yaml
+
+    from search_spaces.space import load_space
+    from study.reporting import warm_start_configs
+
+    configs = warm_start_configs(sources, study_dir / "warm_start")
+    raw = yaml.safe_load(space_file.read_text())
+    raw["points_to_evaluate"] = [spec.config_point(c) for c in configs] + list(
+        raw.get("points_to_evaluate") or [])
+    if raw.get("base_preset") is None:
+        raw.pop("base_preset", None)
+    space_file.write_text(f"# {spec._source} with warm-start points from {sources}\n"
+                          + yaml.safe_dump(raw, sort_keys=False))
+    load_space(space_file)
 
 
 def _check_tracking(uri: str, name: str) -> None:
