@@ -1,0 +1,89 @@
+"""From launch to a report, an exported config and a reproduced number (real Ray, Optuna,
+MLflow; the study is tiny so that the whole path runs in about a minute)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from study_helpers import child_runs, tiny_space
+
+from search_spaces.space import load_space
+from study.cli import main
+from study.launcher import StudyOptions, launch, load_meta
+from trainables.config import RunConfig
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory, scifact_dir, scifact_features) -> Path:
+    tmp = tmp_path_factory.mktemp("workflow")
+    space = tiny_space(tmp, "flow", num_samples=3, epochs=2)
+    summary = launch(StudyOptions(space=str(space), storage=str(tmp / "studies"),
+                                  data=str(scifact_dir), verbose=0))
+    if ray.is_initialized():
+        ray.shutdown()
+    return Path(summary["study_dir"])
+
+
+def test_export_then_train_reproduces_the_dev_metric(small_study, tmp_path, capsys):
+    assert main(["export", str(small_study), "--top", "2", "--out", str(tmp_path / "exp")]) == 0
+    files = sorted((tmp_path / "exp").glob("*.yaml"))
+    assert len(files) == 2 and "rank1" in files[0].name
+    exported = RunConfig.from_yaml(files[0])
+    uri = load_meta(small_study)["mlflow_uri"]
+    run = MlflowClient(uri).get_run(exported.provenance["mlflow_run_id"])
+    assert run.data.tags["jepa.trial_id"] == exported.provenance["trial_id"]
+    assert Path(exported.data.path).is_absolute() and exported.train.seed == 0
+
+    out = tmp_path / "repro"
+    assert main(["train", "--config", str(files[0]), "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "dev_ndcg_at_10")
+    logged = [m.value for m in sorted(history, key=lambda m: m.step)]
+    reproduced = [h["dev_ndcg_at_10"] for h in metrics["history"]]
+    # same seed on CPU: the same numbers, epoch by epoch (tolerance only for float printing)
+    assert reproduced == pytest.approx(logged, abs=1e-9)
+    assert "test_ndcg_at_10" in metrics["test"]
+
+
+def test_report_has_every_section_and_is_logged(small_study):
+    assert main(["report", str(small_study)]) == 0
+    html = (small_study / "report.html").read_text()
+    sections = set(re.findall(r'<section id="([^"]+)"', html))
+    assert {"summary", "top-k", "knob-stopgrad", "knob-residual", "knob-depth",
+            "knob-lambda_pred", "importance", "history", "parallel",
+            "stop-reasons"} <= sections
+    assert not re.search(r'(src|href)="https?://', html)  # self-contained
+    meta = load_meta(small_study)
+    client = MlflowClient(meta["mlflow_uri"])
+    parent = client.search_runs(
+        [client.get_experiment_by_name("jepa-study/flow").experiment_id],
+        filter_string="tags.`jepa.role` = 'study'")[0]
+    logged = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert any(p.endswith(".html") for p in logged)
+
+
+def test_warm_start_evaluates_the_given_configs_first(small_study, tmp_path, scifact_dir):
+    space = tiny_space(tmp_path, "warm", num_samples=2, epochs=1)
+    summary = launch(StudyOptions(space=str(space), storage=str(tmp_path / "studies"),
+                                  data=str(scifact_dir), verbose=0,
+                                  warm_start=[str(small_study)]))
+    if ray.is_initialized():
+        ray.shutdown()
+    study_dir = Path(summary["study_dir"])
+    spec = load_space(study_dir / "space.yaml")
+    # the earlier study's best configs come first, as points the searcher enqueues
+    best = RunConfig.from_yaml(next((study_dir / "warm_start" / "flow").glob("*rank1*.yaml")))
+    assert spec.points_to_evaluate[0] == spec.config_point(best.to_dict())
+    storage = f"sqlite:///{study_dir / 'optuna.db'}"
+    first = sorted(optuna.load_study(study_name="warm", storage=storage).trials,
+                   key=lambda t: t.number)[0]
+    assert first.params == spec.points()[0]
+    assert len(child_runs(load_meta(study_dir)["mlflow_uri"], "warm")) == 2
+    assert yaml.safe_load((study_dir / "space.yaml").read_text())["points_to_evaluate"]
