@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -191,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from search_spaces.space import SpaceError
     from study.launcher import StudyError
@@ -198,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainables.data import DataError
 
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a scheduler ending the job) stops like Ctrl-C: runs end KILLED, and the
+        # study stays resumable.
+        signal.signal(signal.SIGTERM, _terminate)
     errors: tuple[type[BaseException], ...] = (ConfigError, DataError, SpaceError, StudyError)
     try:
         return args.func(args)
