@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 HEADLINE = "test_ndcg_at_10"  #: follows each config's eval.score_with
 QUERY = "test_query_ndcg_at_10"  #: query-embedding scoring on both arms
+PREDICTOR = "test_predictor_ndcg_at_10"  #: the JEPA way: on arm scores with its predictor
 #: two-sided 95 % t critical values by degrees of freedom (used when scipy is missing)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
@@ -103,6 +104,7 @@ class PairedResult:
 
     headline: PairedStats
     query: PairedStats
+    predictor: PairedStats  #: on arm scored with the predictor, off arm with the query
     score_with_on: str
     score_with_off: str
     budget: dict[str, Any]
@@ -124,7 +126,8 @@ class PairedResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "headline": self.headline.to_dict(),
-                "query": self.query.to_dict(), "score_with_on": self.score_with_on,
+                "query": self.query.to_dict(), "predictor": self.predictor.to_dict(),
+                "score_with_on": self.score_with_on,
                 "score_with_off": self.score_with_off, "budget": self.budget,
                 "notes": self.notes, "on_config": self.on_config.to_dict(),
                 "off_config": self.off_config.to_dict()}
@@ -282,9 +285,9 @@ def paired_predictor_comparison(best_on: RunConfig, best_off: RunConfig, seeds: 
             results[arm].append(test)
     stats = [PairedStats(m_on, m_off, seeds, [float(r[m_on]) for r in results["on"]],
                          [float(r[m_off]) for r in results["off"]], confidence)
-             for m_on, m_off in ((HEADLINE, HEADLINE), (QUERY, QUERY))]
-    result = PairedResult(stats[0], stats[1], on.eval.score_with, off.eval.score_with, spent,
-                          on, off, notes)
+             for m_on, m_off in ((HEADLINE, HEADLINE), (QUERY, QUERY), (PREDICTOR, QUERY))]
+    result = PairedResult(stats[0], stats[1], stats[2], on.eval.score_with,
+                          off.eval.score_with, spent, on, off, notes)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "paired.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     return result

@@ -254,11 +254,12 @@ def _paired(paired: Any) -> str:
     d = paired.to_dict() if hasattr(paired, "to_dict") else dict(paired)
     out = [f"<p>metric: <b>{_e(d.get('metric', 'test_ndcg_at_10'))}</b>, difference "
            "= on − off, paired by seed</p>"]
-    for name in ("headline", "query"):
+    for name in ("headline", "query", "predictor"):
         s = d.get(name)
         if not s:
             continue
-        out.append(f"<h3>{_e(name)}: {_e(s['metric_on'])}</h3><p>mean {_num(s['mean'])}, "
+        out.append(f"<h3>{_e(name)}: on {_e(s['metric_on'])} vs off {_e(s['metric_off'])}"
+                   f"</h3><p>mean {_num(s['mean'])}, "
                    f"std {_num(s['std'])}, {round(100 * s['confidence'])}% t interval "
                    f"[{_num(s['ci_low'])}, {_num(s['ci_high'])}] over {len(s['seeds'])} "
                    "seeds</p>")

@@ -263,7 +263,9 @@ def _fake_paired() -> PairedResult:
     stats = PairedStats("test_ndcg_at_10", "test_ndcg_at_10", [0, 1], [0.62, 0.64], [0.6, 0.6])
     query = PairedStats("test_query_ndcg_at_10", "test_query_ndcg_at_10", [0, 1], [0.6, 0.6],
                         [0.6, 0.6])
-    return PairedResult(stats, query, "query", "query", {"epochs": 1}, cfg, cfg)
+    jepa = PairedStats("test_predictor_ndcg_at_10", "test_query_ndcg_at_10", [0, 1],
+                       [0.66, 0.67], [0.6, 0.6])
+    return PairedResult(stats, query, jepa, "query", "query", {"epochs": 1}, cfg, cfg)
 
 
 def test_report_is_self_contained_and_logged(record, tmp_path):
@@ -386,7 +388,9 @@ def test_paired_comparison_on_scifact(record, runs, tmp_path, scifact, scifact_f
     assert result.budget["epochs"] == 1 and result.budget["max_steps_per_epoch"] == 2
     assert result.off_config.train.epochs == 1 and any("aligned" in n for n in result.notes)
     assert result.score_with_on == "query" and "query" in result.metric
-    for stats in (result.headline, result.query):
+    assert result.predictor.metric_on == "test_predictor_ndcg_at_10"
+    assert result.predictor.off == result.query.off  # the off arm has no predictor to use
+    for stats in (result.headline, result.query, result.predictor):
         assert len(stats.on) == len(stats.off) == 2
         assert all(0 < v < 1 for v in stats.on + stats.off)
         assert math.isfinite(stats.mean) and math.isfinite(stats.std)
