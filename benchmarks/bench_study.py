@@ -25,7 +25,10 @@ import yaml
 from benchmarks.common import (ROOT, alternate, machine, parser, ratio, resolve_device,
                                spread, summary, table, write_json)
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+# One intra-op thread on both sides: a trial runs with torch.set_num_threads(cpus_per_worker=1),
+# and a plain run with two threads on a loaded 2-core machine would be slowed by
+# oversubscription, flattering the study.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def _space(tmp: Path, name: str, epochs: int, num_samples: int, steps: int | None = None,

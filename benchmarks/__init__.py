@@ -1,0 +1,1 @@
+"""Benchmark scripts (``python -m benchmarks.bench_<name> [--quick]``); see README.md here."""
