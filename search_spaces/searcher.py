@@ -40,20 +40,58 @@ def build_searcher(space: "SpaceSpec", metric: str | list[str], mode: str | list
     points = space.points()
     if storage is not None and study_name in optuna.study.get_all_study_names(storage):
         points = []
-    return ResumableOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
-                        points_to_evaluate=points or None, sampler=sampler,
-                        study_name=study_name, storage=storage)
+    searcher = ResumableOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
+                                     points_to_evaluate=points or None, sampler=sampler,
+                                     study_name=study_name, storage=storage)
+    if storage is not None and not points and any(
+            t.state != optuna.trial.TrialState.WAITING for t in searcher._ot_study.trials):
+        # A new Tune experiment over a study that already has trials: the seeded sampler
+        # would replay the draws it made the first time, so it is reseeded; trials left
+        # RUNNING belong to no Tune trial any more.
+        searcher._recover(reseed=True)
+    return searcher
 
 
 
 class ResumableOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` whose ``on_trial_complete`` is idempotent.
+    """``OptunaSearch`` whose ``on_trial_complete`` is idempotent and whose restore never
+    repeats a configuration.
 
     A driver killed after a trial finished but before Tune saved its experiment state
     restores that trial as unfinished; Tune completes it again and OptunaSearch would tell
     Optuna a second time, which raises ``UpdateFinishedTrialError`` and ends the study. The
     storage already holds the result, so the second tell is dropped.
+
+    A driver killed after the searcher made a suggestion but before Tune saved its state
+    loses that trial: Tune restores the searcher as it was at the save, so its seeded sampler
+    would draw the lost trial's configuration again, and the lost trial would stay RUNNING
+    in the storage for ever. :meth:`restore` marks such trials FAIL and reseeds the sampler.
     """
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._recover()
+
+    def _recover(self, reseed: bool = False) -> list[int]:
+        """FAIL the storage's RUNNING trials that no Tune trial of this searcher owns (a
+        killed driver's lost suggestions) and reseed the sampler when there were any, so
+        that it does not draw them again. Returns their numbers."""
+        import logging
+
+        import optuna
+
+        owned = {t.number for t in self._ot_trials.values()}
+        lost = [t.number for t in self._ot_study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if t.number not in owned]
+        for number in lost:
+            self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
+        if lost:
+            logging.getLogger(__name__).warning(
+                "Optuna trials %s were suggested but lost by a killed driver: marked FAIL",
+                lost)
+        if lost or reseed:
+            self._sampler.reseed_rng()
+        return lost
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import optuna

@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    # Re-raised as SIGINT: before Ray starts that is a KeyboardInterrupt; during a study it is
+    # Tune's own graceful stop, which saves the experiment state on the way out.
+    signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

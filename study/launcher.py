@@ -19,7 +19,10 @@ import json
 import logging
 import os
 import platform
+import shutil
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,8 +165,14 @@ def prepare_study(opts: StudyOptions) -> Path:
         raise StudyError(f"study {study_dir} exists: continue it with `jepa-study resume "
                          f"{study_dir}` or pick another --name")
     uri = opts.mlflow_uri or default_mlflow_uri(study_dir)
+    created = not study_dir.exists()
     study_dir.mkdir(parents=True, exist_ok=True)
-    _check_tracking(uri, name)
+    try:
+        _check_tracking(uri, name)
+    except StudyError:
+        if created:  # nothing was started: leave nothing behind
+            shutil.rmtree(study_dir, ignore_errors=True)
+        raise
     space_file = study_dir / "space.yaml"
     space_file.write_text(Path(spec._source).read_text() if Path(spec._source).exists()
                           else _space_yaml(spec))
@@ -238,7 +247,8 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
     from ray import tune
 
     from search_spaces.space import load_space
-    from study.trial import make_trainable, max_concurrent_trials, trial_resources
+    from study.trial import (CheckpointGuard, make_trainable, max_concurrent_trials,
+                             trial_resources)
     from study.tracking import MLflowTrialCallback, StudyTracker
     from trainables.cache import load_or_compute
     from trainables.data import load_beir
@@ -284,11 +294,15 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
                                   execution=opts.execution)
         builder = TrialConfigBuilder(meta["space_file"], meta["data_dir"])
         max_epochs = sum(p.epochs for p in base.train.resolved_phases())
-        callbacks = [MLflowTrialCallback(tracker, render_config=builder.yaml,
+        callbacks = [CheckpointGuard(),
+                     MLflowTrialCallback(tracker, render_config=builder.yaml,
                                          resolve_params=builder.flat,
                                          stop_reason=StopReasons(str(study_dir), max_epochs))]
         if resume:
-            tracker.mark_orphans_killed()
+            orphans = tracker.mark_orphans_killed()
+            if orphans:
+                log.warning("runs of trials %s were left RUNNING by a driver that was killed: "
+                            "marked KILLED (a trial that resumes reopens its run)", orphans)
         tracker.start_study(
             params={"space": Path(meta["space_file"]).stem, "num_samples": _num_samples(opts, spec),
                     "data": meta["data_dir"], "seed": getattr(spec.searcher_spec, "seed", None),
@@ -302,22 +316,54 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
         if resume and tune.Tuner.can_restore(str(ray_dir / name)):
             tuner = tune.Tuner.restore(str(ray_dir / name), trainable=trainable,
                                        resume_unfinished=True, resume_errored=True)
+            _use_callbacks(tuner, callbacks)
         else:
             tuner = _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency,
                                max_epochs)
         grid = tuner.fit()
+        if _interrupted(grid, _num_samples(opts, spec)):
+            raise KeyboardInterrupt  # Tune caught the SIGINT, stopped and saved its state
         status = "FINISHED"
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, reason = "KILLED", (f"interrupted: continue with `jepa-study resume "
+                                    f"{study_dir}`")
+        ended = tracker.end_open_trials("KILLED", reason)
+        log.warning("study interrupted (runs of trials %s KILLED); continue it with "
+                    "`jepa-study resume %s`", ended, study_dir)
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as exc:
+        status, reason = "FAILED", f"driver failed: {type(exc).__name__}: {exc}"
+        tracker.end_open_trials("KILLED", reason)
         raise
     finally:
-        tracker.end_study(locals().get("status", "FAILED"))
+        tracker.end_study(locals().get("status", "FAILED"), locals().get("reason"))
         tracker.flush()
         ray.shutdown()
     return summarize(study_dir, grid, spec, time.time() - started)
+
+
+def _use_callbacks(tuner, callbacks: list) -> None:
+    """Makes a restored Tuner report through this driver's callbacks.
+
+    ``Tuner.restore`` brings back the callbacks pickled at launch, each with a tracker of its
+    own; this driver's tracker must be the one that writes: one tracker per write-ahead
+    file, and the one that knows which trial runs are open when the study is interrupted.
+    ``Tuner.restore`` takes no callbacks, hence the private attribute (None with Ray Client).
+    """
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is not None:
+        internal.get_run_config().callbacks = callbacks
+
+
+def _interrupted(grid, num_samples: int) -> bool:
+    """Whether ``Tuner.fit`` returned before every trial ended.
+
+    On SIGINT (Ctrl-C) Tune saves its state, stops the running trials and returns instead of
+    raising; those trials (and pending ones) end without a ``done`` result and error.
+    """
+    results = list(grid)
+    return len(results) < num_samples or any(
+        r.error is None and not (r.metrics or {}).get("done") for r in results)
 
 
 def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, max_epochs):
@@ -403,9 +449,16 @@ def _init_ray(opts: StudyOptions) -> None:
         runtime_env.update(working_dir=str(PROJECT_ROOT), excludes=RUNTIME_EXCLUDES)
     if ray.is_initialized():
         return
+    # ray.init installs a native SIGTERM handler in the driver that dumps a stack trace and
+    # aborts it (runs left RUNNING, like SIGKILL); a Python handler set before (the command
+    # line's: stop like Ctrl-C) is put back.
+    on_term = (signal.getsignal(signal.SIGTERM)
+               if threading.current_thread() is threading.main_thread() else None)
     ray.init(address=opts.address, runtime_env=runtime_env, include_dashboard=False,
              log_to_driver=opts.verbose > 1, configure_logging=True,
              logging_level=logging.WARNING)
+    if callable(on_term):
+        signal.signal(signal.SIGTERM, on_term)
 
 
 # -- reading a study ------------------------------------------------------------------------

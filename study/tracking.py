@@ -277,6 +277,19 @@ class StudyTracker:
         self._open.discard(key)
         self._submit(key, [self._end_op(status, reason)])
 
+    def end_open_trials(self, status: str = S.STATUS_KILLED, reason: str | None = None
+                        ) -> list[str]:
+        """End every trial run this tracker opened and has not ended (a stopping driver).
+
+        Returns:
+            The trial ids whose runs were ended.
+        """
+        with self._lock:
+            trial_ids = sorted(key.split(":", 1)[1] for key in self._open)
+        for trial_id in trial_ids:
+            self.end_trial(trial_id, status, reason)
+        return trial_ids
+
     def end_study(self, status: str = S.STATUS_FINISHED, reason: str | None = None) -> None:
         """End the parent run like :meth:`end_trial`."""
         self._submit(_STUDY, [self._end_op(status, reason)])
@@ -284,7 +297,9 @@ class StudyTracker:
     def mark_orphans_killed(self) -> list[str]:
         """Mark trial runs left RUNNING by a killed driver as KILLED (for resume).
 
-        Trials opened by this tracker and not ended are left alone.
+        Trials opened by this tracker and not ended are left alone. The write-ahead file is
+        replayed first, and a run whose end is still queued is no orphan: the killed driver
+        may have seen its trial end while the server was unreachable.
 
         Returns:
             The trial ids that were marked.
@@ -293,6 +308,7 @@ class StudyTracker:
             TrackingError: The runs cannot be searched (backend unreachable).
         """
         with self._lock:
+            self._drain(time.monotonic() + 30.0)
             try:
                 runs = self._client.search_runs(
                     [self._get_experiment_id()], max_results=5000,
@@ -300,8 +316,9 @@ class StudyTracker:
                                   f"AND attributes.status = '{S.STATUS_RUNNING}'")
             except Exception as err:  # noqa: BLE001
                 raise TrackingError(f"cannot search runs in {self.tracking_uri}: {err}") from err
+            ending = {op["run"] for op in self._queue if op["op"] == "end"}
             trial_ids = [r.data.tags[S.TAG_TRIAL_ID] for r in runs
-                         if f"trial:{r.data.tags.get(S.TAG_TRIAL_ID)}" not in self._open]
+                         if f"trial:{r.data.tags.get(S.TAG_TRIAL_ID)}" not in self._open | ending]
             for trial_id in trial_ids:
                 self._queue_ops(f"trial:{trial_id}", [
                     self._end_op(S.STATUS_KILLED, S.STOP_REASON_ORPHANED)])

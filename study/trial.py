@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -39,9 +40,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from ray.tune import Callback
+
 EXECUTIONS = ("auto", "direct", "train")
 STOP_REASON = "stop_reason"
 DIVERGED_MARKER = "DIVERGED.json"
+log = logging.getLogger(__name__)
 # The Train driver only launches and watches the workers, which reserve their own resources
 # in their own placement group. A whole CPU for it would deadlock small machines (two drivers
 # holding both CPUs of a 2-core node, each waiting for a CPU for its one worker) and even a
@@ -146,6 +150,25 @@ def trial_output_dir(study_dir: Path, trial_id: str) -> Path:
     return Path(study_dir) / "trials" / trial_id
 
 
+class CheckpointGuard(Callback):
+    """Tune callback: lets a trial whose latest reported checkpoint directory vanished resume.
+
+    Tune refuses to restore a trial (retry or resumed study) from a checkpoint directory that
+    no longer exists ("Could not recover from checkpoint as it does not exist on storage
+    anymore") and the trial errors for good. Just before Tune restores a trial, this recreates
+    such a directory empty, so that the trial's own fallback (:func:`_newest_valid`) resumes
+    from the newest valid older checkpoint, or fails saying there is none.
+    """
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        checkpoint = trial.checkpoint
+        path = _local_path(checkpoint) if checkpoint is not None else None
+        if path is not None and not path.exists():
+            log.warning("trial %s: its latest checkpoint %s is gone; it resumes from the newest "
+                        "valid older one", trial.trial_id, path)
+            path.mkdir(parents=True)
+
+
 # -- the trainable -------------------------------------------------------------------------
 
 def make_trainable(*, study_dir: Path, num_workers: int = 1, use_gpu: bool = False,
@@ -207,7 +230,7 @@ def _run_direct(spec: TrialSpec, run_config: dict, entered: float,
         ray.tune.report(metrics,
                         checkpoint=ray.tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
-    with _resume_dir(ray.tune.get_checkpoint(), out_dir) as resume_from:
+    with _resume_dir(ray.tune.get_checkpoint(), out_dir, spec.loop) as resume_from:
         _stop_if_diverged_before(resume_from)
         stopped = _run_loop(spec, run_config, out_dir=out_dir, resume_from=resume_from,
                             report=report, entered=entered, shared=shared)
@@ -271,7 +294,7 @@ def _train_worker(config: dict) -> None:
             else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    with _resume_dir(ray.train.get_checkpoint(), out_dir) as resume_from:
+    with _resume_dir(ray.train.get_checkpoint(), out_dir, spec.loop) as resume_from:
         if _diverged_in(resume_from) is not None:
             return  # restored a diverged run: its Result already holds the stop result
         stopped = _run_loop(spec, config["run_config"], out_dir=out_dir,
@@ -336,12 +359,18 @@ def _run_loop(spec: TrialSpec, run_config: dict, *, out_dir: Path, resume_from: 
 
 
 @contextlib.contextmanager
-def _resume_dir(checkpoint: Any, out_dir: Path) -> Iterator[Path | None]:
+def _resume_dir(checkpoint: Any, out_dir: Path,
+                loop: str | Callable | None = None) -> Iterator[Path | None]:
     """The reported checkpoint as a directory, or None after clearing unreported ones.
 
     Without a reported checkpoint the run starts afresh; the loop would otherwise resume from
     the newest checkpoint it finds in ``out_dir``, which may be an epoch that was written but
     never reported (the attempt failed between the two), and that epoch would never reach Tune.
+
+    A reported checkpoint on local storage that is missing or unreadable (deleted, truncated
+    by a full disk) is replaced by the newest valid older one reported beside it (see
+    :func:`_newest_valid`); when there is none the attempt fails instead of silently
+    starting from scratch.
     """
     if checkpoint is None:
         if out_dir.exists():
@@ -351,8 +380,51 @@ def _resume_dir(checkpoint: Any, out_dir: Path) -> Iterator[Path | None]:
         out_dir.mkdir(parents=True, exist_ok=True)
         yield None
         return
+    local = _local_path(checkpoint)
+    if local is not None:
+        yield _newest_valid(local, loop)
+        return
     with checkpoint.as_directory() as path:
         yield Path(path)
+
+
+def _local_path(checkpoint: Any) -> Path | None:
+    """The checkpoint's directory when it lives on the local filesystem, else None."""
+    import pyarrow.fs
+
+    if isinstance(getattr(checkpoint, "filesystem", None), pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    return None
+
+
+def _newest_valid(path: Path, loop: str | Callable | None) -> Path:
+    """``path`` if the loop can resume from it, else the newest valid older sibling.
+
+    Tune (``checkpoint_000012``) and Ray Train (``checkpoint_<timestamp>``) name the reported
+    checkpoints of one trial so that names sort by age, side by side in one directory. A
+    checkpoint holding the divergence marker counts as valid (it stops the trial). Validity is
+    the loop module's ``load_checkpoint(path) is not None`` when it has one, else existence.
+    """
+    older = sorted((p for p in path.parent.glob("checkpoint_*") if p.name < path.name),
+                   reverse=True) if path.parent.is_dir() else []
+    for candidate in [path, *older]:
+        if _diverged_in(candidate) is not None or _loadable(candidate, loop):
+            if candidate != path:
+                log.warning("checkpoint %s is missing or unreadable; resuming from %s, the "
+                            "newest valid one", path, candidate)
+            return candidate
+    raise RuntimeError(f"cannot resume: the reported checkpoint {path} and every older one "
+                       "beside it are missing or unreadable (not restarting from scratch)")
+
+
+def _loadable(directory: Path, loop: str | Callable | None) -> bool:
+    if not directory.is_dir():
+        return False
+    check = None
+    if loop is not None:
+        module = importlib.import_module(_import(loop).__module__)
+        check = getattr(module, "load_checkpoint", None)
+    return check(directory) is not None if callable(check) else True
 
 
 def _write_marker(out_dir: Path, stopped: dict[str, Any]) -> Path:
