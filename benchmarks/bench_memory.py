@@ -5,7 +5,8 @@
    ``/proc/self/statm`` sampled every 5 ms by a thread, against the RSS before the run.
 2. RSS after each of 20 consecutive short ``train()`` calls in the same process (a study
    runs many trials in one worker): first, last, max, and the least-squares slope. Flat
-   means no per-trial leak.
+   means no per-trial leak. Full: 1 epoch each, dev and test evaluation; quick: 3 steps
+   and the dev evaluation only.
 
 The memory-check in 1 comes first, before anything else has raised the process's peak.
 
@@ -85,8 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(tmp / "single", ignore_errors=True)
 
     # 2. many short runs in one process
+    # quick: 3 steps and no test evaluation a call (the dev evaluation, whose SVD dominates
+    # a short call, still runs), to stay under 2 minutes on 2 busy cores
     short = cfg.with_overrides({"train.epochs": 1,
-                                "train.max_steps_per_epoch": 3 if args.quick else None})
+                                "train.max_steps_per_epoch": 3 if args.quick else None,
+                                "eval.evaluate_test": not args.quick})
     rss = []
     t0 = time.perf_counter()
     for i in range(args.calls):
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     # growth over the second half (after allocator and caches have settled)
     tail_growth = rss[-1] - rss[n // 2] if n > 1 else 0.0
     repeated = {"calls": n, "steps_per_call": short.train.max_steps_per_epoch or "1 epoch",
+                "evaluate_test": short.eval.evaluate_test,
                 "seconds": calls_s, "rss_mb": rss, "first_mb": rss[0], "last_mb": rss[-1],
                 "max_mb": max(rss), "growth_mb": rss[-1] - rss[0],
                 "growth_second_half_mb": tail_growth, "slope_mb_per_call": slope}
