@@ -178,8 +178,6 @@ def prepare_study(opts: StudyOptions) -> Path:
                           else _space_yaml(spec))
     if opts.warm_start:
         _add_warm_start(space_file, spec, opts.warm_start, study_dir)
-    if opts.num_samples is not None:
-        pass  # kept in study.json; the space file stays as given
     meta = {"name": name, "options": asdict(opts), "space_file": str(space_file),
             "data_dir": str(data_dir), "mlflow_uri": uri, "created": time.time(),
             "git_commit": git_commit()}
@@ -273,13 +271,14 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     _init_ray(opts)
     try:
+        builder = TrialConfigBuilder(meta["space_file"], meta["data_dir"])
         shared = {"data": ray.put(data), "features": ray.put(features) if features else None}
         use_gpu = opts.gpus_per_worker > 0
         trainable = make_trainable(
             study_dir=study_dir, num_workers=opts.num_workers, use_gpu=use_gpu,
             gpus_per_worker=opts.gpus_per_worker or 1, cpus_per_worker=opts.cpus_per_worker,
             max_failures=opts.max_failures, execution=opts.execution,
-            config_builder=TrialConfigBuilder(meta["space_file"], meta["data_dir"]),
+            config_builder=builder,
             objective_keys=[spec.metric] if isinstance(spec.metric, str) else spec.metric,
             shared=shared)
         resources = trial_resources(opts.num_workers, use_gpu, opts.cpus_per_worker,
@@ -292,7 +291,6 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
                                   cpus_per_worker=opts.cpus_per_worker,
                                   gpus_per_worker=opts.gpus_per_worker or 1,
                                   execution=opts.execution)
-        builder = TrialConfigBuilder(meta["space_file"], meta["data_dir"])
         max_epochs = sum(p.epochs for p in base.train.resolved_phases())
         callbacks = [CheckpointGuard(),
                      MLflowTrialCallback(tracker, render_config=builder.yaml,

@@ -175,8 +175,6 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
-        if self.model.variant == "bidirectional" and self.loss.lambda_pred == 0:
-            pass  # allowed: the d->q predictor is then unused, like the q->d one
         # Each phase's loss (run loss + its overrides) is validated now, not when the phase
         # starts training: a bad override must not fail after the earlier phases have run.
         effective: list[tuple[str, LossConfig]] = []
