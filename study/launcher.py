@@ -318,8 +318,9 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
         else:
             tuner = _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency,
                                max_epochs)
-        grid = tuner.fit()
-        if _interrupted(grid, _num_samples(opts, spec)):
+        with _TuneInterruptWatch() as watch:
+            grid = tuner.fit()
+        if watch.interrupted:
             raise KeyboardInterrupt  # Tune caught the SIGINT, stopped and saved its state
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -353,15 +354,35 @@ def _use_callbacks(tuner, callbacks: list) -> None:
         internal.get_run_config().callbacks = callbacks
 
 
-def _interrupted(grid, num_samples: int) -> bool:
-    """Whether ``Tuner.fit`` returned before every trial ended.
+class _TuneInterruptWatch:
+    """Tells, once ``Tuner.fit`` has returned, whether Tune caught a SIGINT (Ctrl-C, or the
+    command line's SIGTERM) and stopped early; ``with _TuneInterruptWatch() as watch: fit()``,
+    then ``watch.interrupted``.
 
-    On SIGINT (Ctrl-C) Tune saves its state, stops the running trials and returns instead of
-    raising; those trials (and pending ones) end without a ``done`` result and error.
+    On SIGINT Tune saves its state, stops the running trials (it marks them TERMINATED, like
+    finished ones) and returns instead of raising, so the result grid cannot tell. What does
+    tell: Tune's handler, installed by ``fit``, puts back the handler it found when it fires,
+    and only then (``ray.tune.tune._setup_signal_catching``). A sentinel handler installed
+    here is therefore back in place when ``fit`` returns exactly when Tune was interrupted.
+    Off the main thread Tune catches no signal, and nothing is installed.
     """
-    results = list(grid)
-    return len(results) < num_samples or any(
-        r.error is None and not (r.metrics or {}).get("done") for r in results)
+
+    interrupted = False
+
+    def __enter__(self) -> "_TuneInterruptWatch":
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._sentinel)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            self.interrupted = signal.getsignal(signal.SIGINT) == self._sentinel
+            signal.signal(signal.SIGINT, self._previous)
+
+    @staticmethod
+    def _sentinel(signum, frame) -> None:  # Ctrl-C outside ``fit``: Python's default
+        raise KeyboardInterrupt
 
 
 def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, max_epochs):

@@ -191,3 +191,39 @@ def test_resume_after_killing_the_driver(tmp_path, scifact_dir, scifact_features
         steps = metric_steps(uri, child.info.run_id)
         assert steps == sorted(set(steps)) == [1, 2, 3]
     assert summary["trials"] == 4
+
+
+@pytest.mark.parametrize("send_sigint", [False, True])
+def test_interrupt_watch_tells_tunes_sigint_from_a_normal_end(tmp_path, send_sigint):
+    """Tune swallows Ctrl-C (saves its state, returns a grid whose stopped trials read
+    TERMINATED); the launcher learns of it from ``_TuneInterruptWatch``, never from the
+    results. A study that ends normally must not read as interrupted (a resume that did
+    would exit 130 without a summary)."""
+    import threading
+
+    from ray import tune
+
+    from study.launcher import _TuneInterruptWatch
+
+    def sleepy(config):  # defined here: Ray pickles it by value
+        for i in range(config["steps"]):
+            time.sleep(0.2)
+            tune.report({"i": i})
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    before = signal.getsignal(signal.SIGINT)
+    steps = 200 if send_sigint else 3
+    ctrl_c = threading.Timer(8, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        if send_sigint:
+            ctrl_c.start()
+        with _TuneInterruptWatch() as watch:
+            grid = tune.Tuner(sleepy, param_space={"steps": steps},
+                              run_config=tune.RunConfig(storage_path=str(tmp_path),
+                                                        verbose=0)).fit()
+    finally:
+        ctrl_c.cancel()
+    assert watch.interrupted is send_sigint
+    assert signal.getsignal(signal.SIGINT) is before  # Tune's handler does not outlive fit
+    (result,) = list(grid)
+    assert (result.metrics["i"] < steps - 1) is send_sigint
