@@ -58,6 +58,11 @@ class FeatureTables:
     def queries(self, ids: list[str]) -> torch.Tensor:
         return self.query_features[[self.query_row[i] for i in ids]]
 
+    def to(self, device: torch.device | str) -> "FeatureTables":
+        """The same tables with both feature matrices on ``device``."""
+        return FeatureTables(self.doc_ids, self.doc_features.to(device), self.query_ids,
+                             self.query_features.to(device))
+
 
 def model_identity(name: str) -> str:
     """A string that changes when the model's weights or config change."""

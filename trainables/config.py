@@ -158,6 +158,12 @@ class EvalConfig(_Strict):
         "query", description="which query vector the headline metrics use; both are reported")
     batch_size: int = Field(256, ge=1)
     evaluate_test: bool = Field(True, description="evaluate the test split after training")
+    faiss_min_docs: int | None = Field(
+        200_000, ge=1, description="search with FAISS from this corpus size up (null: never); "
+        "below it one exact torch matmul is faster (benchmarks/RESULTS.md, figure 6)")
+    faiss_index: Literal["flat", "hnsw"] = Field(
+        "flat", description="FAISS index past faiss_min_docs: flat is exact, hnsw approximate "
+        "(lowers Recall@100 on large corpora)")
 
 
 class RunConfig(_Strict):

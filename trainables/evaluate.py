@@ -2,44 +2,106 @@
 
 Metrics come from pytrec_eval (the evaluator BEIR and MTEB use), not from hand-written
 code: nDCG@10, Recall@100 and MRR@10 (reciprocal rank over the top 10). Search is exact: one
-batched matrix product of queries against the whole corpus, top-k per query.
+batched matrix product of queries against the whole corpus, top-k per query. From
+``faiss_min_docs`` documents up (``eval.faiss_min_docs``) it goes through FAISS instead
+(``faiss-cpu``, optional): an exact ``IndexFlat`` by default (the same results, without
+materialising a [queries x corpus] score block), or HNSW when asked. The corpus is
+re-embedded every epoch, so an index is built per evaluation; ``benchmarks/bench_eval.py``
+measures where each choice wins (``benchmarks/RESULTS.md``, figure 6).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Mapping
+from typing import Literal, Mapping
 
 import pytrec_eval
 import torch
 
 Qrels = Mapping[str, Mapping[str, int]]
+FaissIndex = Literal["flat", "hnsw"]
+
+log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
 
 
-def similarity_matrix(q: torch.Tensor, d: torch.Tensor, similarity: str) -> torch.Tensor:
-    """[Q, N] scores: cosine, or negative Euclidean distance."""
-    if similarity == "cosine":
-        return torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(d, dim=-1).T
-    if similarity == "euclidean":
-        return -torch.cdist(q, d)
-    raise ValueError(f"unknown similarity {similarity!r} (cosine, euclidean)")
-
-
 @torch.no_grad()
 def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, similarity: str = "cosine",
-           k: int = 100, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` search. Returns (scores, doc indices), each [Q, k]."""
+           k: int = 100, batch_size: int = 1024, *, faiss_min_docs: int | None = None,
+           faiss_index: FaissIndex = "flat") -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` search. Returns (scores, doc indices), each [Q, k].
+
+    Exact torch search, one [batch_size x N] score block at a time, unless the corpus has at
+    least ``faiss_min_docs`` documents and ``faiss`` is importable; then FAISS's ``faiss_index``
+    (``flat``: exact; ``hnsw``: approximate). Scores are cosine similarities or negative
+    Euclidean distances either way.
+    """
+    if similarity not in ("cosine", "euclidean"):
+        raise ValueError(f"unknown similarity {similarity!r} (cosine, euclidean)")
     k = min(k, doc_emb.shape[0])
+    if faiss_min_docs is not None and doc_emb.shape[0] >= faiss_min_docs and _faiss():
+        return _faiss_search(query_emb, doc_emb, similarity, k, faiss_index)
+    docs = doc_emb.float()
+    if similarity == "cosine":  # once, not per query block
+        docs = torch.nn.functional.normalize(docs, dim=-1)
     scores, indices = [], []
     for start in range(0, query_emb.shape[0], batch_size):
-        sim = similarity_matrix(query_emb[start:start + batch_size].float(), doc_emb.float(),
-                                similarity)
+        q = query_emb[start:start + batch_size].float()
+        sim = (torch.nn.functional.normalize(q, dim=-1) @ docs.T if similarity == "cosine"
+               else -torch.cdist(q, docs))
         s, i = sim.topk(k, dim=1)
         scores.append(s)
         indices.append(i)
     return torch.cat(scores), torch.cat(indices)
+
+
+def _faiss():
+    """The ``faiss`` module, or None (with one warning) when ``faiss-cpu`` is missing."""
+    try:
+        import faiss
+    except ImportError:
+        if not getattr(_faiss, "warned", False):
+            log.warning("eval.faiss_min_docs is set but faiss is not installed "
+                        "(pip install faiss-cpu): searching with torch")
+            _faiss.warned = True
+        return None
+    return faiss
+
+
+#: HNSW settings measured in benchmarks/bench_eval.py (recall@100 0.96-0.98 up to 50k docs).
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 40, 128
+
+
+def _faiss_search(query_emb: torch.Tensor, doc_emb: torch.Tensor, similarity: str, k: int,
+                  kind: FaissIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    import faiss
+    import numpy as np
+
+    def prep(x: torch.Tensor) -> "np.ndarray":
+        x = x.detach().float()
+        if similarity == "cosine":
+            x = torch.nn.functional.normalize(x, dim=-1)
+        return np.ascontiguousarray(x.cpu().numpy())
+
+    docs, queries = prep(doc_emb), prep(query_emb)
+    dim = docs.shape[1]
+    metric = faiss.METRIC_INNER_PRODUCT if similarity == "cosine" else faiss.METRIC_L2
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, metric)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+    elif kind == "flat":
+        index = faiss.IndexFlatIP(dim) if similarity == "cosine" else faiss.IndexFlatL2(dim)
+    else:
+        raise ValueError(f"unknown faiss index {kind!r} (flat, hnsw)")
+    index.add(docs)
+    scores, indices = index.search(queries, k)
+    scores_t = torch.from_numpy(scores)
+    if similarity == "euclidean":  # FAISS returns squared L2 distances
+        scores_t = -scores_t.clamp_min(0).sqrt()
+    return scores_t.to(query_emb.device), torch.from_numpy(indices).to(query_emb.device)
 
 
 def ir_metrics(run: Mapping[str, Mapping[str, float]], qrels: Qrels) -> dict[str, float]:
@@ -62,21 +124,28 @@ def ir_metrics(run: Mapping[str, Mapping[str, float]], qrels: Qrels) -> dict[str
 
 def retrieval_metrics(query_ids: list[str], query_emb: torch.Tensor, doc_ids: list[str],
                       doc_emb: torch.Tensor, qrels: Qrels, similarity: str = "cosine",
-                      k: int = 100) -> dict[str, float]:
+                      k: int = 100, **search_kw) -> dict[str, float]:
     """Searches the corpus for each query and scores the run against ``qrels``.
 
     As in BEIR, a document whose id equals the query's id is not returned for that query.
+    ``search_kw`` goes to :func:`search` (``faiss_min_docs``, ``faiss_index``).
     """
-    scores, indices = search(query_emb, doc_emb, similarity, k=k + 1)
+    scores, indices = search(query_emb, doc_emb, similarity, k=k + 1, **search_kw)
+    return ir_metrics(_run(query_ids, scores, indices, doc_ids, k), qrels)
+
+
+def _run(query_ids: list[str], scores: torch.Tensor, indices: torch.Tensor,
+         doc_ids: list[str], k: int) -> dict[str, dict[str, float]]:
+    """Search hits as a pytrec_eval run, a query's own id left out (BEIR's rule)."""
     run: dict[str, dict[str, float]] = {}
-    for row, qid in enumerate(query_ids):
+    for qid, row_s, row_i in zip(query_ids, scores.tolist(), indices.tolist()):
         hits = {}
-        for s, i in zip(scores[row].tolist(), indices[row].tolist()):
+        for s, i in zip(row_s, row_i):
             did = doc_ids[i]
             if did != qid:
                 hits[did] = s
         run[qid] = dict(list(hits.items())[:k])
-    return ir_metrics(run, qrels)
+    return run
 
 
 @torch.no_grad()
@@ -88,16 +157,24 @@ def collapse_diagnostics(emb: torch.Tensor) -> dict[str, float]:
     * ``isotropy``: participation ratio of the covariance eigenvalues divided by D,
       (Σλ)² / (D·Σλ²); 1 for an isotropic cloud, 1/D for a single direction.
     * ``embedding_std``: mean per-dimension standard deviation (0 at total collapse).
+
+    The singular values come from the eigenvalues of the smaller Gram matrix (D x D or
+    N x N, in float64), not from an SVD of the N x D matrix: the same values, ~10-90x faster
+    at SciFact's size (5183 x 512).
     """
     x = emb.float() - emb.float().mean(0, keepdim=True)
-    sv = torch.linalg.svdvals(x)
-    p = sv / sv.sum().clamp_min(1e-12)
+    xd = x.double()
+    gram = xd.T @ xd if x.shape[0] >= x.shape[1] else xd @ xd.T
+    sq = torch.linalg.eigvalsh(gram).clamp_min(0)  # squared singular values
+    sv = sq.sqrt()
+    total = sv.sum()
+    p = sv / total.clamp_min(1e-12)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    eig = sv.pow(2) / max(1, x.shape[0] - 1)
+    eig = sq / max(1, x.shape[0] - 1)
     dim = emb.shape[1]
     iso = eig.sum().pow(2) / (dim * eig.pow(2).sum()).clamp_min(1e-12)
     return {
-        "effective_rank": float(torch.exp(entropy)) if sv.sum() > 0 else 0.0,
+        "effective_rank": float(torch.exp(entropy)) if total > 0 else 0.0,
         "isotropy": float(iso),
         "embedding_std": float(x.std(0).mean()),
     }
@@ -120,12 +197,14 @@ def embed_corpus(model, doc_inputs, batch_size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_model(model, *, query_ids: list[str], query_inputs, doc_ids: list[str],
                    doc_emb: torch.Tensor, qrels: Qrels, similarity: str,
-                   batch_size: int = 256) -> dict[str, float]:
+                   batch_size: int = 256, diagnostics: bool = True, k: int = 100,
+                   **search_kw) -> dict[str, float]:
     """Scores a split both ways (query embedding, predictor output) plus diagnostics.
 
-    Keys: ``query_<metric>``, ``predictor_<metric>`` for each of ``METRIC_NAMES``, the
-    collapse diagnostics of the document embeddings, and ``pred_error`` (MSE between the
-    predicted and the actual embedding of each judged positive document).
+    Keys: ``query_<metric>``, ``predictor_<metric>`` for each of ``METRIC_NAMES``,
+    ``pred_error`` (MSE between the predicted and the actual embedding of each judged
+    positive document) and, with ``diagnostics``, the collapse diagnostics of the document
+    embeddings. Both query sets go through one search (the corpus is prepared once).
     """
     was_training = model.training
     model.eval()
@@ -135,12 +214,14 @@ def evaluate_model(model, *, query_ids: list[str], query_inputs, doc_ids: list[s
         pred = model.predict(q).float()
     finally:
         model.train(was_training)
+    scores, indices = search(torch.cat([q, pred]), doc_emb, similarity, k=k + 1, **search_kw)
+    n = len(query_ids)
     out: dict[str, float] = {}
-    for name, vectors in (("query", q), ("predictor", pred)):
-        for key, value in retrieval_metrics(query_ids, vectors, doc_ids, doc_emb, qrels,
-                                            similarity).items():
-            out[f"{name}_{key}"] = value
-    out.update(collapse_diagnostics(doc_emb))
+    for name, rows in (("query", slice(0, n)), ("predictor", slice(n, 2 * n))):
+        run = _run(query_ids, scores[rows], indices[rows], doc_ids, k)
+        out.update({f"{name}_{key}": v for key, v in ir_metrics(run, qrels).items()})
+    if diagnostics:
+        out.update(collapse_diagnostics(doc_emb))
     row = {d: i for i, d in enumerate(doc_ids)}
     pairs = [(qi, row[d]) for qi, qid in enumerate(query_ids)
              for d, rel in qrels.get(qid, {}).items() if rel > 0 and d in row]

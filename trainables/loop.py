@@ -96,12 +96,13 @@ def training_pairs(qrels: dict[str, dict[str, int]]) -> list[tuple[str, str]]:
 
 
 def mine_hard_negatives(features: FeatureTables, qrels: dict[str, dict[str, int]], k: int,
-                        similarity: str) -> dict[str, list[str]]:
+                        similarity: str, **search_kw) -> dict[str, list[str]]:
     """Top-``k`` documents by the base encoder that are not judged relevant, per query."""
     from trainables.evaluate import search
 
     qids = sorted(qrels)
-    _, idx = search(features.queries(qids), features.doc_features, similarity, k=k + 20)
+    _, idx = search(features.queries(qids), features.doc_features, similarity, k=k + 20,
+                    **search_kw)
     out = {}
     for row, q in enumerate(qids):
         ranked = [features.doc_ids[i] for i in idx[row].tolist()]
@@ -166,9 +167,16 @@ def save_checkpoint(out_dir: Path, epoch: int, state: dict[str, Any], cfg: RunCo
 
 # -- the run -------------------------------------------------------------------------------
 
+def search_options(cfg: RunConfig) -> dict[str, Any]:
+    """The config's choice of search backend, as keyword arguments of ``evaluate.search``."""
+    return {"faiss_min_docs": cfg.eval.faiss_min_docs, "faiss_index": cfg.eval.faiss_index}
+
+
 def prepare(cfg: RunConfig, data: BeirData | None = None,
-            features: FeatureTables | None = None, progress: bool = True):
-    """Loads the data, its splits and (frozen base, or hard negatives) the cached features."""
+            features: FeatureTables | None = None, progress: bool = True,
+            device: torch.device | None = None):
+    """Loads the data, its splits and (frozen base, or hard negatives) the cached features;
+    a cold feature cache is filled by encoding on ``device`` (the GPU when there is one)."""
     if data is None:
         data = load_beir(resolve_data_dir(cfg.data.path))
     splits = make_splits(data, train=cfg.data.train_split, dev=cfg.data.dev_split,
@@ -176,7 +184,7 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
                          seed=cfg.data.split_seed)
     if features is None and (cfg.model.freeze_base or cfg.train.hard_negatives):
         features = load_or_compute(data, cfg.model.base_model, cfg.model.max_seq_length,
-                                   progress=progress)
+                                   progress=progress, device=str(device or _device()))
     return data, splits, features
 
 
@@ -200,10 +208,12 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     seed_everything(cfg.train.seed)
 
     # -- DATA
-    data, splits, features = prepare(cfg, data, features, progress and rank == 0)
+    data, splits, features = prepare(cfg, data, features, progress and rank == 0, device)
+    if features is not None and device.type != "cpu":
+        features = features.to(device)  # once (a few MB), not a host copy per batch
     pairs = training_pairs(splits["train"])
     negatives = (mine_hard_negatives(features, splits["train"], cfg.train.hard_negatives,
-                                     cfg.model.similarity)
+                                     cfg.model.similarity, **search_options(cfg))
                  if cfg.train.hard_negatives else None)
     cached = cfg.model.freeze_base
     batches = _Batches(data, features if cached else None, device)
@@ -351,11 +361,16 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
                                      pred_q=out["pred_q"].float() if "pred_q" in out else None,
                                      hard_neg=out["neg"].float() if "neg" in out else None,
                                      doc_ids=dids, hard_neg_ids=neg_ids, step=step)
-        bad = torch.tensor(0.0 if torch.isfinite(total) else 1.0, device=total.device)
-        if world > 1:  # every rank stops together, or the others hang at the next collective
+        # One device-to-host copy per step (on CUDA, the step's only sync): the divergence
+        # flag, summed over ranks so that every rank stops together (or the others hang at
+        # the next collective), and this rank's loss parts.
+        bad = (~torch.isfinite(total.detach())).float().reshape(1)
+        if world > 1:
             dist.all_reduce(bad)
-        if bad.item() > 0:
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+        host = torch.cat([bad, torch.stack([v.float() for v in parts.values()])]).tolist()
+        values = dict(zip(parts, host[1:]))
+        if host[0] > 0:
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {step}: {detail}")
         # Step 2. Backward & step
         optimizer.zero_grad(set_to_none=True)
@@ -365,8 +380,8 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
         optimizer.step()
         scheduler.step()
         step += 1
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
     return {("loss" if k == "total" else k): v / n_steps for k, v in sums.items()}, step
 
 
@@ -378,16 +393,16 @@ def _evaluate(model, batches, data, features, qrels, cfg, split: str) -> dict[st
     doc_emb = embed_corpus(model, batches.docs(doc_ids), cfg.eval.batch_size)
     model.train(was)
     qids = sorted(qrels)
+    dev = split == "dev"  # diagnostics are per-epoch dev figures; test rows stay lean
     raw = evaluate_model(model, query_ids=qids, query_inputs=batches.queries(qids),
                          doc_ids=doc_ids, doc_emb=doc_emb, qrels=qrels,
-                         similarity=cfg.model.similarity, batch_size=cfg.eval.batch_size)
+                         similarity=cfg.model.similarity, batch_size=cfg.eval.batch_size,
+                         diagnostics=dev, **search_options(cfg))
     out = {f"{split}_{k}" if k.startswith(("query_", "predictor_")) else k: v
            for k, v in raw.items()}
     for name in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
         out[f"{split}_{name}"] = raw[f"{cfg.eval.score_with}_{name}"]
-    if split != "dev":  # diagnostics are per-epoch dev figures; keep test rows lean
-        out = {k: v for k, v in out.items() if k.startswith(split)}
-    return out
+    return out if dev else {k: v for k, v in out.items() if k.startswith(split)}
 
 
 def zero_shot(cfg: RunConfig, split: str = "test", data: BeirData | None = None,
@@ -398,7 +413,7 @@ def zero_shot(cfg: RunConfig, split: str = "test", data: BeirData | None = None,
     qrels = splits[split]
     qids = sorted(qrels)
     return retrieval_metrics(qids, features.queries(qids), features.doc_ids,
-                             features.doc_features, qrels, "cosine")
+                             features.doc_features, qrels, "cosine", **search_options(cfg))
 
 
 def _rng_state() -> dict[str, Any]:
