@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"({'extrapolated from a subset' if 'real' not in result else 'real and extrapolated'})")
     print(common.table(["figure", "median [min, max]"], rows))
     print(f"target >= 20x: {'met' if result['target_met'] else 'NOT met'} ({fmt(speedup)}x)")
-    common.write_json("cache" + ("_quick" if args.quick else ""), result, args.out)
+    common.write_json("cache", result, args)
     return result
 
 

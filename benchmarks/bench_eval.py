@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     for q, n in build_cross.items():
         print(f"crossover (index build + {q} queries, an evaluation): "
               f"{n if n else 'none up to ' + str(max(r['n_docs'] for r in done))}")
-    common.write_json("eval" + ("_quick" if args.quick else ""), result, args.out)
+    common.write_json("eval", result, args)
     return result
 
 

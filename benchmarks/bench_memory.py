@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["slope (MiB per call)", f"{slope:+.2f}"],
     ]))
     print(f"flat across calls: {'yes' if flat else 'NO'}")
-    common.write_json("memory" + ("_quick" if args.quick else ""), result, args.out)
+    common.write_json("memory", result, args)
     return result
 
 

@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(common.table(["side", "median [min, max]"], rows))
     print(f"target ours >= 1.0x plain ST: {'met' if ratio >= 1.0 else 'NOT met'} "
           f"({fmt(ratio)}x vs the hand-written ST loop)")
-    common.write_json("step" + ("_quick" if args.quick else ""), result, args.out)
+    common.write_json("step", result, args)
     return result
 
 

@@ -154,7 +154,7 @@ def main() -> None:
                 ["8 trials, 1 node x 1 CPU", f4["one_node_s"]],
                 ["8 trials, 2 nodes x 1 CPU", f4["two_nodes_s"]],
                 ["ratio (target <= 0.6)", f4["ratio"]]]))
-    write_json("study_quick" if args.quick else "study", payload, args.out)
+    write_json("study", payload, args)
 
 
 if __name__ == "__main__":

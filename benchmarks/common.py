@@ -201,9 +201,11 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
+def write_json(name: str, payload: dict[str, Any], args: argparse.Namespace) -> Path:
+    """``benchmarks/out/<name>[_quick].json`` (or ``--out``), with the load at the end."""
     payload = {**payload, "loadavg_at_end": list(os.getloadavg())}
-    path = Path(out) if out else OUT_DIR / f"{name}.json"
+    name += "_quick" if args.quick else ""
+    path = Path(args.out) if args.out else OUT_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str))
     print(f"\nwrote {path}")

@@ -38,12 +38,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_run_config(args.config, args.data)
     out = Path(args.out or Path("runs") / cfg.name)
 
-    def report(metrics: dict, checkpoint: Path) -> None:
+    def report(metrics: dict, checkpoint: Path | None) -> None:
         keys = ("train_loss", "dev_ndcg_at_10", "dev_predictor_ndcg_at_10", "effective_rank")
         shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
         print(f"epoch {metrics['epoch']} [{metrics['phase']}]  {shown}", flush=True)
 
-    result = train(cfg, out_dir=out, callback=report, progress=not args.quiet)
+    result = train(cfg, out_dir=out, callback=report, progress=not args.quiet,
+                   checkpoint_interval_s=args.checkpoint_interval)
     print(json.dumps({"final_dev": {k: v for k, v in result["final"].items()
                                     if k.startswith("dev_")},
                       "test": result.get("test", {})}, indent=1))
@@ -74,7 +75,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
                         cpus_per_worker=args.cpus_per_worker, mlflow_uri=args.mlflow_uri,
                         name=args.name, storage=args.storage,
                         max_concurrent_trials=args.max_concurrent_trials,
-                        execution=args.execution, warm_start=args.warm_start)
+                        execution=args.execution, warm_start=args.warm_start,
+                        checkpoint_interval_s=args.checkpoint_interval)
     _print_summary(launch(opts))
     return 0
 
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="BEIR directory (default: see README, 'Data')")
     p.add_argument("--out", help="output directory (default runs/<name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _checkpoint_interval_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("launch", help="run a study (default: the quick space on SciFact)")
@@ -147,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-trials", type=int)
     p.add_argument("--execution", default="auto", choices=["auto", "direct", "train"],
                    help="direct: loop inside the Tune trial (1 CPU worker); train: TorchTrainer")
+    _checkpoint_interval_arg(p)
     p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite store in the study)")
     p.add_argument("--name", help="study name (default: the space's)")
     p.add_argument("--storage", default="studies", help="parent directory of studies")
@@ -191,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.set_defaults(func=cmd_baseline)
     return parser
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
+def _checkpoint_interval_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="least seconds between two checkpoints besides the first and last "
+                   "epoch's (0: every epoch); a run that fails redoes at most that much")
 
 
 def _terminate(signum, frame) -> None:

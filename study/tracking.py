@@ -54,6 +54,40 @@ class TrackingError(RuntimeError):
     """The tracking backend cannot be used (unreachable server, unusable store)."""
 
 
+def seed_sqlite_store(uri: str) -> None:
+    """Starts a new local SQLite store as a copy of an empty one, made once per MLflow version.
+
+    MLflow creates a store's schema by running every Alembic migration, ~2 s on 2 cores at
+    the start of every study; the empty, migrated database is the same each time, so it is
+    made once under ``$JEPA_STUDY_CACHE/mlflow`` and copied (milliseconds). Does nothing for
+    other URIs or an existing database; on any failure MLflow creates the store itself.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:" or Path(path).exists():
+        return
+    import shutil
+
+    import mlflow
+
+    from trainables.cache import cache_root
+
+    db = Path(path)
+    template = cache_root() / "mlflow" / f"empty-{mlflow.__version__}.db"
+    try:
+        if not template.exists():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+            MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # migrates
+            os.replace(tmp, template)
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, tmp)
+        os.replace(tmp, db)
+    except OSError as exc:
+        log.debug("no template for the MLflow store %s (%s): MLflow creates it", uri, exc)
+
+
 # --- pure helpers ----------------------------------------------------------------------------
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Flatten nested mappings to ``a.b.c`` keys with string values (MLflow params are text)."""
@@ -156,6 +190,7 @@ class StudyTracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout_s))
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self._artifact_location = artifact_location or self._local_artifact_location()
+        seed_sqlite_store(tracking_uri)
         self._client = MlflowClient(tracking_uri)
         self._lock = threading.RLock()
         self._queue: deque[dict] = deque()

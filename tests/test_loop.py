@@ -137,3 +137,36 @@ def test_divergence_raises_with_reason(tmp_path, scifact_dir, scifact, scifact_f
     with pytest.raises(TrainingDiverged) as info:
         train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features, progress=False)
     assert "non-finite loss" in info.value.reason
+
+
+def test_checkpoint_interval_keeps_first_and_last_and_resumes_exactly(
+        tmp_path, scifact_dir, scifact, scifact_features):
+    """With an interval longer than the run, only the first and the last epoch write a
+    checkpoint (the callback gets None for the others); a run cut after epoch 3 resumes from
+    epoch 1 and ends where the uninterrupted run ends."""
+    cfg = _cfg(scifact_dir, **{"train.epochs": 4, "train.max_steps_per_epoch": 3,
+                               "eval.evaluate_test": False})
+    seen = []
+    full = train(cfg, out_dir=tmp_path / "full", data=scifact, features=scifact_features,
+                 progress=False, checkpoint_interval_s=3600,
+                 callback=lambda m, c: seen.append((m["epoch"], c and c.name)))
+    assert seen == [(1, "epoch_0001"), (2, None), (3, None), (4, "epoch_0004")]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "full")] == ["epoch_0004", "epoch_0001"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(metrics, ckpt):
+        if metrics["epoch"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, out_dir=tmp_path / "cut", data=scifact, features=scifact_features,
+              callback=stop_after_three, progress=False, checkpoint_interval_s=3600)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["epoch_0001"]
+    resumed = train(cfg, out_dir=tmp_path / "cut", data=scifact, features=scifact_features,
+                    progress=False, checkpoint_interval_s=3600)
+    assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3, 4]
+    for again, first in zip(resumed["history"], full["history"]):  # times aside, the same
+        assert {k: v for k, v in again.items() if k.startswith(("dev_", "train_"))} == \
+            {k: v for k, v in first.items() if k.startswith(("dev_", "train_"))}

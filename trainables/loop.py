@@ -1,7 +1,9 @@
 """One training run, top to bottom: data, model, phases, epochs, checkpoints, evaluation.
 
-The loop knows nothing of Ray or MLflow. After every epoch it writes a checkpoint and calls
-``callback(metrics, checkpoint_dir)``; ``jepa-study train`` passes a callback that prints, a
+The loop knows nothing of Ray or MLflow. After every epoch it calls ``callback(metrics,
+checkpoint_dir)``, after writing a checkpoint on the first and last epoch and otherwise at
+most every ``checkpoint_interval_s`` seconds (0, the default: every epoch; ``checkpoint_dir``
+is None for an epoch without one); ``jepa-study train`` passes a callback that prints, a
 Ray trial passes one that reports to Tune. When ``torch.distributed`` is initialised (Ray
 Train sets it up) the model is wrapped in DDP and each rank takes its share of every batch
 order; rank 0 writes checkpoints.
@@ -35,7 +37,7 @@ from trainables.model import JEPAModel, load_base
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[dict[str, Any], Path], None]
+EpochCallback = Callable[[dict[str, Any], "Path | None"], None]
 KEEP_CHECKPOINTS = 3
 
 
@@ -190,7 +192,8 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
 
 def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = None,
           resume_from: Path | None = None, data: BeirData | None = None,
-          features: FeatureTables | None = None, progress: bool = True) -> dict[str, Any]:
+          features: FeatureTables | None = None, progress: bool = True,
+          checkpoint_interval_s: float = 0.0) -> dict[str, Any]:
     """Trains one model and returns ``{"history": [...], "final": {...}, "test": {...}}``.
 
     Args:
@@ -200,6 +203,9 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
         resume_from: a checkpoint directory to continue from; when None, the newest valid
             checkpoint under ``out_dir`` is used if there is one.
         data, features: already loaded dataset / base features (the study shares them).
+        checkpoint_interval_s: least seconds between two checkpoints besides the first and
+            last epoch's (a checkpoint of a frozen-base run is ~15 MB; a resumed run redoes
+            at most this much training, with the same results).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +249,8 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     # -- PHASES
     epoch = 0
     step = state["step"] if state else 0
+    saved_at = -math.inf  # monotonic time of the last checkpoint
+    final_epoch = sum(p.epochs for p in cfg.train.resolved_phases())
     phases = cfg.train.resolved_phases()
     for phase_index, phase in enumerate(phases):
         if state and phase_index < state["phase_index"]:
@@ -282,14 +290,16 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                 metrics.update(_evaluate(model, batches, data, features, splits["test"], cfg,
                                          "test"))
             history.append(metrics)
-            ckpt_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                          "phase_index": phase_index, "epoch_in_phase": epoch_in_phase + 1,
-                          "rng": _rng_state(), "history": history, "config": cfg.to_dict()}
-            if rank == 0:
-                ckpt = save_checkpoint(out_dir, epoch, ckpt_state, cfg)
-            else:
+            ckpt = None
+            if epoch == final_epoch or time.monotonic() - saved_at >= checkpoint_interval_s:
+                saved_at = time.monotonic()
                 ckpt = out_dir / "checkpoints" / f"epoch_{epoch:04d}"
+                if rank == 0:
+                    ckpt = save_checkpoint(out_dir, epoch, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                        "phase_index": phase_index, "epoch_in_phase": epoch_in_phase + 1,
+                        "rng": _rng_state(), "history": history, "config": cfg.to_dict()}, cfg)
             if callback is not None:
                 callback(dict(metrics), ckpt)
 
