@@ -65,8 +65,10 @@ def _trial_times(study_dir: Path) -> list[dict]:
     return rows
 
 
-def figure_overhead(tmp: Path, quick: bool, reps: int) -> dict:
-    epochs = 15 if quick else 60  # ~1 s an epoch on 2 idle cores: ~15 s / ~60 s of training
+def figure_overhead(tmp: Path, quick: bool, reps: int, epochs: int | None) -> dict:
+    # ~0.45 s an epoch of `hybrid` on one idle core: 130 epochs make the ~60 s training the
+    # issue names (quick: ~7 s).
+    epochs = epochs or (15 if quick else 130)
     space = _space(tmp, "overhead", epochs, 1)
     config = tmp / "overhead_run.yaml"
     from search_spaces.space import load_space
@@ -129,6 +131,8 @@ def figure_scaling(tmp: Path, quick: bool) -> dict:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--figures", default="1,3,4")
+    p.add_argument("--overhead-epochs", type=int, default=None,
+                   help="epochs of the figure-1 training (default 130: ~60 s on one core)")
     args = p.parse_args()
     device = resolve_device(args.device)
     figures = {int(f) for f in args.figures.split(",")}
@@ -136,7 +140,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-study-") as tmp_name:
         tmp = Path(tmp_name)
         if 1 in figures:
-            f1 = payload["overhead"] = figure_overhead(tmp, args.quick, args.reps or 2)
+            f1 = payload["overhead"] = figure_overhead(tmp, args.quick, args.reps or 2,
+                                                       args.overhead_epochs)
             print(table(["figure 1", "median [min, max]"], [
                 ["launch, 1-trial study (s)", spread(f1["launch_s"])],
                 ["train, same config (s)", spread(f1["train_s"])],

