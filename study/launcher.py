@@ -315,6 +315,7 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
 
     tracker = _while_ray_starts(opts, open_tracking)
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from study.tracking import MLflowTrialCallback
     from study.trial import (CheckpointGuard, make_trainable, max_concurrent_trials,
@@ -353,7 +354,10 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
                                   gpus_per_worker=opts.gpus_per_worker or 1,
                                   execution=opts.execution)
         max_epochs = sum(p.epochs for p in base.train.resolved_phases())
-        callbacks = [CheckpointGuard(),
+        # Tune's JSON and CSV trial logs, not its TensorBoard one: MLflow is the study's
+        # tracker, and creating the TensorBoard logger imports tensorboardX (~2 s).
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(),
                      MLflowTrialCallback(tracker, render_config=builder.yaml,
                                          resolve_params=builder.flat,
                                          stop_reason=StopReasons(str(study_dir), max_epochs))]
