@@ -28,7 +28,7 @@ from benchmarks.common import (ROOT, alternate, machine, parser, ratio, resolve_
 # One intra-op thread on both sides: a trial runs with torch.set_num_threads(cpus_per_worker=1),
 # and a plain run with two threads on a loaded 2-core machine would be slowed by
 # oversubscription, flattering the study.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def _space(tmp: Path, name: str, epochs: int, num_samples: int, steps: int | None = None,
@@ -49,7 +49,9 @@ def _space(tmp: Path, name: str, epochs: int, num_samples: int, steps: int | Non
 
 def _cli(*args: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "study.cli", *args], env=ENV, check=True,
+    # os.environ read now: --device cpu hides the GPUs (CUDA_VISIBLE_DEVICES) after import
+    subprocess.run([sys.executable, "-m", "study.cli", *args], env={**os.environ, **ENV},
+                   check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     return time.perf_counter() - t0
 
@@ -65,7 +67,8 @@ def _trial_times(study_dir: Path) -> list[dict]:
     return rows
 
 
-def figure_overhead(tmp: Path, quick: bool, reps: int, epochs: int | None) -> dict:
+def figure_overhead(tmp: Path, quick: bool, reps: int, epochs: int | None,
+                    gpu: bool = False) -> dict:
     # ~0.45 s an epoch of `hybrid` on one idle core: 130 epochs make the ~60 s training the
     # issue names (quick: ~7 s).
     epochs = epochs or (15 if quick else 130)
@@ -76,9 +79,13 @@ def figure_overhead(tmp: Path, quick: bool, reps: int, epochs: int | None) -> di
     load_space(space).base_config().to_yaml(config)
     n = [0]
 
+    # On CUDA the trial is a TorchTrainer run with one DDP worker holding the GPU (bf16
+    # autocast: train.amp), and `train` picks the GPU by itself.
+    gpu_args = ("--gpus-per-worker", "1") if gpu else ()
+
     def launch() -> None:
         n[0] += 1
-        _cli("launch", "--space", str(space), "--storage", str(tmp / f"s{n[0]}"))
+        _cli("launch", "--space", str(space), "--storage", str(tmp / f"s{n[0]}"), *gpu_args)
 
     def train() -> None:
         _cli("train", "--config", str(config), "--out", str(tmp / f"t{time.time()}"), "--quiet")
@@ -141,7 +148,8 @@ def main() -> None:
         tmp = Path(tmp_name)
         if 1 in figures:
             f1 = payload["overhead"] = figure_overhead(tmp, args.quick, args.reps or 2,
-                                                       args.overhead_epochs)
+                                                       args.overhead_epochs,
+                                                       gpu=device.type == "cuda")
             print(table(["figure 1", "median [min, max]"], [
                 ["launch, 1-trial study (s)", spread(f1["launch_s"])],
                 ["train, same config (s)", spread(f1["train_s"])],

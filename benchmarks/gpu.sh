@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Figures 2 (quick), 5 and 6 on CUDA, written to benchmarks/out/*_cuda.json.
+# Figures 1, 2 (quick), 5 and 6 on CUDA, written to benchmarks/out/*_cuda.json.
 #
 #   bash benchmarks/gpu.sh
 #
@@ -21,6 +21,8 @@ mkdir -p benchmarks/out
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
 
+echo "== figure 1: trial overhead (launch: TorchTrainer, 1 DDP worker on the GPU; vs train)"
+python -m benchmarks.bench_study --figures 1 --device cuda --out benchmarks/out/study_cuda.json
 echo "== figure 2: frozen-base embedding cache (quick: a 500-doc subset, extrapolated)"
 python -m benchmarks.bench_cache --quick --device cuda --out benchmarks/out/cache_quick_cuda.json
 echo "== figure 5: training step throughput (bf16 autocast)"

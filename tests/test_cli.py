@@ -117,3 +117,12 @@ def test_baseline_prints_zero_shot_json(scifact_dir, scifact_features):
     result = json.loads(proc.stdout[start:])
     assert result["split"] == "test" and result["model"] == "all-MiniLM-L6-v2"
     assert result["ndcg_at_10"] == pytest.approx(0.645, abs=0.002)
+
+
+@pytest.mark.parametrize("command", ["train", "launch"])
+def test_negative_checkpoint_interval_exits_2(command, tmp_path):
+    args = ["--config", "hybrid"] if command == "train" else ["--storage", str(tmp_path)]
+    proc = _cli(command, *args, "--checkpoint-interval", "-1")
+    assert proc.returncode == 2
+    assert "--checkpoint-interval" in proc.stderr and "must be >= 0" in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything was written
