@@ -62,6 +62,10 @@ def scifact_part(data, device, reps: int) -> dict:
         fns[f"retrieval_metrics D={dim} test300"] = (
             lambda q=q_test, docs=docs: retrieval_metrics(test_ids, q, features.doc_ids, docs,
                                                           test, "cosine"))
+        for kind in ("flat", "hnsw"):  # the path eval.faiss_min_docs switches to
+            fns[f"search(faiss {kind}, as evaluate.py) D={dim} test300"] = (
+                lambda q=q_test, docs=docs, kind=kind: search(
+                    q, docs, "cosine", k=K + 1, faiss_min_docs=1, faiss_index=kind))
     model = model.to(device)
     fns["evaluate_model D=512 test300"] = lambda: evaluate_model(
         model, query_ids=test_ids, query_inputs=features.queries(test_ids).to(device),

@@ -365,8 +365,8 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
     epoch_ones = _epoch_one_counts(study_dir, name)
     assert len(epoch_ones) == samples
     assert all(n <= 1 for n in epoch_ones.values()), epoch_ones
-    # the run of the trial in flight at the kill (RUNNING once the write-ahead file was
-    # replayed) was marked KILLED before the study went on; the trial then resumed it
+    # the runs of the trials in flight at the kill (RUNNING once the write-ahead file was
+    # replayed) were marked KILLED before the study went on
     marked = [r.args[0] for r in caplog.records if "left RUNNING by a driver" in r.msg]
     assert marked and marked[0], "no run was marked orphaned"
 
@@ -391,7 +391,11 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
     assert len(trial_ids) == len(set(trial_ids)), trial_ids
     finished = [c for c in children if c["info"]["status"] == S.STATUS_FINISHED]
     assert {c["tags"][S.TAG_TRIAL_ID] for c in finished} == set(epoch_ones)
-    assert set(marked[0]) <= set(epoch_ones)  # reopened and finished by the resumed trial
+    # each run marked KILLED at the resume was either reopened and finished by its resumed
+    # trial, or belongs to a trial Tune had not saved yet when the driver died (its Optuna
+    # trial was marked FAIL, and its run stays KILLED as orphaned: checked below)
+    lost = set(marked[0]) - set(epoch_ones)
+    assert states.count("FAIL") >= len(lost), (lost, states)
     for child in children:
         assert child["tags"][S.TAG_PARENT_RUN_ID] == parent["info"]["run_id"]
         if child["info"]["status"] != S.STATUS_FINISHED:  # a trial Tune lost in the kill
