@@ -15,6 +15,7 @@ Ray starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -354,9 +355,6 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
                                   gpus_per_worker=opts.gpus_per_worker or 1,
                                   execution=opts.execution)
         max_epochs = sum(p.epochs for p in base.train.resolved_phases())
-        # Tune's JSON and CSV trial logs, not its TensorBoard one: MLflow is the study's
-        # tracker, and creating the TensorBoard logger imports tensorboardX (~2 s).
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(),
                      MLflowTrialCallback(tracker, render_config=builder.yaml,
                                          resolve_params=builder.flat,
@@ -383,7 +381,7 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
         else:
             tuner = _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency,
                                max_epochs)
-        with _TuneInterruptWatch() as watch:
+        with _TuneInterruptWatch() as watch, _no_tensorboard_logger():
             grid = tuner.fit()
         if watch.interrupted:
             raise KeyboardInterrupt  # Tune caught the SIGINT, stopped and saved its state
@@ -417,6 +415,24 @@ def _use_callbacks(tuner, callbacks: list) -> None:
     internal = getattr(tuner, "_local_tuner", None)
     if internal is not None:
         internal.get_run_config().callbacks = callbacks
+
+
+@contextlib.contextmanager
+def _no_tensorboard_logger():
+    """Tune's JSON and CSV trial logs (passed as callbacks), not its TensorBoard one: MLflow
+    is the study's tracker, and creating that logger imports tensorboardX (~2 s a study).
+    Tune reads the switch inside ``fit``; it is put back after, for other Tune users in
+    this process."""
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 class _TuneInterruptWatch:

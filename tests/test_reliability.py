@@ -316,8 +316,10 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
 
     server = mlflow_server
     uri = _server_up(server)
-    name, samples, epochs = "killed", 6, 3
-    space = tiny_space(tmp_path, name, num_samples=samples, epochs=epochs, steps=3,
+    name, samples, epochs = "killed", 6, 4
+    # ~1 s epochs: long enough to kill the driver beside a running trial (with reuse_actors
+    # a 3-step trial ends in about a second and the study before the kill)
+    space = tiny_space(tmp_path, name, num_samples=samples, epochs=epochs, steps=12,
                        parameters=CONTINUOUS,
                        searcher={"kind": "tpe", "seed": 0, "n_startup_trials": 10})
     storage = tmp_path / "studies"
