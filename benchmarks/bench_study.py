@@ -123,7 +123,9 @@ def figure_scaling(tmp: Path, quick: bool) -> dict:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=1)
-        space = _space(tmp, f"scale{nodes}", 2 if quick else 4, 8, search=True)
+        # 10 epochs (~4-5 s a trial): long enough that the work, not the cluster's start-up
+        # and Tune's bookkeeping, dominates the 1-node run
+        space = _space(tmp, f"scale{nodes}", 2 if quick else 10, 8, search=True)
         t0 = time.perf_counter()
         launch(StudyOptions(space=str(space), storage=str(tmp / f"scale{nodes}"),
                             address=cluster.address, verbose=0))

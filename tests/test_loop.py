@@ -25,6 +25,18 @@ def _cfg(scifact_dir, **overrides) -> RunConfig:
     return RunConfig().with_overrides(base)
 
 
+class _Stop(Exception):
+    """Raised by :func:`_stop_after`'s callback: a run cut short after an epoch."""
+
+
+def _stop_after(epoch: int):
+    def callback(metrics, checkpoint_dir):
+        if metrics["epoch"] == epoch:
+            raise _Stop
+
+    return callback
+
+
 def test_zero_shot_reproduces_mteb(scifact_dir, scifact, scifact_features):
     cfg = _cfg(scifact_dir)
     m = zero_shot(cfg, "test", data=scifact, features=scifact_features)
@@ -55,16 +67,9 @@ def test_resume_matches_uninterrupted(tmp_path, scifact_dir, scifact, scifact_fe
     full = train(cfg, out_dir=tmp_path / "full", data=scifact, features=scifact_features,
                  progress=False)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(metrics, ckpt):
-        if metrics["epoch"] == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         train(cfg, out_dir=tmp_path / "cut", data=scifact, features=scifact_features,
-              callback=stop_after_two, progress=False)
+              callback=_stop_after(2), progress=False)
     resumed = train(cfg, out_dir=tmp_path / "cut", data=scifact, features=scifact_features,
                     progress=False)
     assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
@@ -153,16 +158,9 @@ def test_checkpoint_interval_keeps_first_and_last_and_resumes_exactly(
     assert seen == [(1, "epoch_0001"), (2, None), (3, None), (4, "epoch_0004")]
     assert [p.name for p in checkpoint_dirs(tmp_path / "full")] == ["epoch_0004", "epoch_0001"]
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_three(metrics, ckpt):
-        if metrics["epoch"] == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         train(cfg, out_dir=tmp_path / "cut", data=scifact, features=scifact_features,
-              callback=stop_after_three, progress=False, checkpoint_interval_s=3600)
+              callback=_stop_after(3), progress=False, checkpoint_interval_s=3600)
     assert [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["epoch_0001"]
     resumed = train(cfg, out_dir=tmp_path / "cut", data=scifact, features=scifact_features,
                     progress=False, checkpoint_interval_s=3600)

@@ -158,15 +158,13 @@ def collapse_diagnostics(emb: torch.Tensor) -> dict[str, float]:
       (Σλ)² / (D·Σλ²); 1 for an isotropic cloud, 1/D for a single direction.
     * ``embedding_std``: mean per-dimension standard deviation (0 at total collapse).
 
-    The singular values come from the eigenvalues of the smaller Gram matrix (D x D or
-    N x N, in float64), not from an SVD of the N x D matrix: the same values, ~10-90x faster
-    at SciFact's size (5183 x 512).
+    One SVD of the centred N x D matrix: ~45 ms at SciFact's size (5183 x 512) on one idle
+    core, a third of a dev evaluation; the eigenvalues of the D x D Gram matrix are no faster
+    in float64 and lose ~0.5 % on the small singular values in float32.
     """
     x = emb.float() - emb.float().mean(0, keepdim=True)
-    xd = x.double()
-    gram = xd.T @ xd if x.shape[0] >= x.shape[1] else xd @ xd.T
-    sq = torch.linalg.eigvalsh(gram).clamp_min(0)  # squared singular values
-    sv = sq.sqrt()
+    sv = torch.linalg.svdvals(x)
+    sq = sv.pow(2)
     total = sv.sum()
     p = sv / total.clamp_min(1e-12)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
