@@ -207,7 +207,7 @@ def align_budget(on: RunConfig, off: RunConfig, budget: Mapping[str, Any] | None
         if not cfg.eval.evaluate_test:
             notes.append(f"eval.evaluate_test switched on for the {name} arm")
     on, off = (c.with_overrides({"eval.evaluate_test": True}, "paired") for c in (on, off))
-    epochs = sum(p.epochs for p in on.train.resolved_phases())
+    epochs = on.train.total_epochs
     return on, off, {"epochs": epochs, "max_steps_per_epoch": on.train.max_steps_per_epoch,
                      "batch_size_on": on.train.batch_size,
                      "batch_size_off": off.train.batch_size}, notes

@@ -63,6 +63,15 @@ OPTUNA_DB = "optuna.db"  #: Optuna's RDB storage inside the study directory
 EXPERIMENT_PREFIX = "jepa-study/"
 
 
+def sqlite_path(uri: str) -> str | None:
+    """The database file of a local SQLite store URI (``sqlite:///<path>[?...]``), or None
+    for any other URI and for an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if not path or path == ":memory:" else path
+
+
 def experiment_name(study: str) -> str:
     """Return the default MLflow experiment name of a study (``jepa-study/<study>``)."""
     return f"{EXPERIMENT_PREFIX}{study}"

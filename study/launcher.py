@@ -219,8 +219,11 @@ def _check_tracking(uri: str, name: str, *, open_local: bool = True) -> None:
     writable directory, since opening it the first time (MLflow creates and migrates the
     schema, ~2 s) is done by :func:`run_study` while Ray starts.
     """
-    if not open_local and uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    from analysis.schema import sqlite_path
+
+    db = sqlite_path(uri)
+    if not open_local and db is not None:
+        folder = Path(db).parent
         if not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise StudyError(f"MLflow store {uri}: {folder} is not a writable directory "
                              "(--mlflow-uri)")
@@ -354,7 +357,7 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
                                   cpus_per_worker=opts.cpus_per_worker,
                                   gpus_per_worker=opts.gpus_per_worker or 1,
                                   execution=opts.execution)
-        max_epochs = sum(p.epochs for p in base.train.resolved_phases())
+        max_epochs = base.train.total_epochs
         callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(),
                      MLflowTrialCallback(tracker, render_config=builder.yaml,
                                          resolve_params=builder.flat,

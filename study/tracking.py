@@ -62,10 +62,8 @@ def seed_sqlite_store(uri: str) -> None:
     made once under ``$JEPA_STUDY_CACHE/mlflow`` and copied (milliseconds). Does nothing for
     other URIs or an existing database; on any failure MLflow creates the store itself.
     """
-    if not uri.startswith("sqlite:///"):
-        return
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not path or path == ":memory:" or Path(path).exists():
+    path = S.sqlite_path(uri)
+    if path is None or Path(path).exists():
         return
     import shutil
 
@@ -547,10 +545,8 @@ class StudyTracker:
 
     def _local_artifact_location(self) -> str | None:
         """Artifacts of a local sqlite store go beside the database, not into the cwd."""
-        if not self.tracking_uri.startswith("sqlite:///"):
-            return None
-        db = self.tracking_uri[len("sqlite:///"):].split("?", 1)[0]
-        if not db or db == ":memory:":
+        db = S.sqlite_path(self.tracking_uri)
+        if db is None:
             return None
         name = S.mlflow_key(self.experiment_name).replace("/", "_")
         return (Path(db).resolve().parent / "mlartifacts" / name).as_uri()

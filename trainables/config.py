@@ -156,6 +156,11 @@ class TrainConfig(_Strict):
     def resolved_phases(self) -> list[PhaseConfig]:
         return list(self.phases) or [PhaseConfig(name="joint", epochs=self.epochs)]
 
+    @property
+    def total_epochs(self) -> int:
+        """Epochs over all phases: the number of the run's last epoch."""
+        return sum(p.epochs for p in self.resolved_phases())
+
 
 class DataConfig(_Strict):
     """Where the data is and how it is split. ``path`` None: see ``data.resolve_data_dir``."""

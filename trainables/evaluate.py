@@ -164,15 +164,13 @@ def collapse_diagnostics(emb: torch.Tensor) -> dict[str, float]:
     """
     x = emb.float() - emb.float().mean(0, keepdim=True)
     sv = torch.linalg.svdvals(x)
-    sq = sv.pow(2)
-    total = sv.sum()
-    p = sv / total.clamp_min(1e-12)
+    p = sv / sv.sum().clamp_min(1e-12)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    eig = sq / max(1, x.shape[0] - 1)
+    eig = sv.pow(2) / max(1, x.shape[0] - 1)
     dim = emb.shape[1]
     iso = eig.sum().pow(2) / (dim * eig.pow(2).sum()).clamp_min(1e-12)
     return {
-        "effective_rank": float(torch.exp(entropy)) if total > 0 else 0.0,
+        "effective_rank": float(torch.exp(entropy)) if sv.sum() > 0 else 0.0,
         "isotropy": float(iso),
         "embedding_std": float(x.std(0).mean()),
     }

@@ -179,6 +179,7 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
             device: torch.device | None = None):
     """Loads the data, its splits and (frozen base, or hard negatives) the cached features;
     a cold feature cache is filled by encoding on ``device`` (the GPU when there is one)."""
+    device = device or _device()
     if data is None:
         data = load_beir(resolve_data_dir(cfg.data.path))
     splits = make_splits(data, train=cfg.data.train_split, dev=cfg.data.dev_split,
@@ -186,9 +187,9 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
                          seed=cfg.data.split_seed)
     if features is None and (cfg.model.freeze_base or cfg.train.hard_negatives):
         features = load_or_compute(data, cfg.model.base_model, cfg.model.max_seq_length,
-                                   progress=progress, device=str(device or _device()))
+                                   progress=progress, device=str(device))
     if features is not None:  # torch tensors on the run's device (a study ships numpy)
-        features = features.to(device or _device())
+        features = features.to(device)
     return data, splits, features
 
 
@@ -251,7 +252,6 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     epoch = 0
     step = state["step"] if state else 0
     saved_at = -math.inf  # monotonic time of the last checkpoint
-    final_epoch = sum(p.epochs for p in cfg.train.resolved_phases())
     phases = cfg.train.resolved_phases()
     for phase_index, phase in enumerate(phases):
         if state and phase_index < state["phase_index"]:
@@ -292,7 +292,8 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                                          "test"))
             history.append(metrics)
             ckpt = None
-            if epoch == final_epoch or time.monotonic() - saved_at >= checkpoint_interval_s:
+            if (epoch == cfg.train.total_epochs
+                    or time.monotonic() - saved_at >= checkpoint_interval_s):
                 saved_at = time.monotonic()
                 ckpt = out_dir / "checkpoints" / f"epoch_{epoch:04d}"
                 if rank == 0:
