@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -172,9 +173,12 @@ def test_resume_after_killing_the_driver(tmp_path, scifact_dir, scifact_features
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if (study_dir / "optuna.db").exists() and \
-                    optuna_states(study_dir).get("COMPLETE", 0) >= 1:
-                break
+            try:
+                if (study_dir / "optuna.db").exists() and \
+                        optuna_states(study_dir).get("COMPLETE", 0) >= 1:
+                    break
+            except sqlite3.OperationalError:  # the storage is still being created
+                pass
             time.sleep(0.5)
         assert proc.poll() is None, "the study ended before it could be killed"
         assert optuna_states(study_dir).get("COMPLETE", 0) < 4
