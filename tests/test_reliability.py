@@ -316,9 +316,9 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
 
     server = mlflow_server
     uri = _server_up(server)
-    name, samples, epochs = "killed", 6, 4
-    # ~1 s epochs: long enough to kill the driver beside a running trial (with reuse_actors
-    # a 3-step trial ends in about a second and the study before the kill)
+    name, samples, epochs = "killed", 6, 8
+    # trials of several seconds: long enough to kill the driver beside a running trial (with
+    # reuse_actors a short trial ends in about a second, and the study before the kill)
     space = tiny_space(tmp_path, name, num_samples=samples, epochs=epochs, steps=12,
                        parameters=CONTINUOUS,
                        searcher={"kind": "tpe", "seed": 0, "n_startup_trials": 10})
@@ -335,17 +335,16 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
         server.stop()
         _wait_for(lambda: any(p.stat().st_size for p in wal.glob("*.wal.jsonl")), 60, proc,
                   "the driver to queue writes while MLflow is down", log)
-        # kill just after a new suggestion (before Tune saves it, with luck) while another
-        # trial is in flight (it trained an epoch and has not finished)
-        seen = [len(_optuna_trials(study_dir, name))]
+        # kill after a suggestion made during the outage (just after one, before Tune saves
+        # it, with luck) while a trial is in flight (it trained an epoch and has not
+        # finished). With reuse_actors only the newly suggested trial may be running when a
+        # suggestion appears, so the two need not be seen in the same poll.
+        at_outage = len(_optuna_trials(study_dir, name))
 
         def new_suggestion_beside_a_running_trial() -> bool:
-            trials = _optuna_trials(study_dir, name)
-            fresh = len(trials) > seen[0]
-            seen[0] = len(trials)
-            return fresh and any(not (d / "metrics.json").exists() for d in
-                                 (study_dir / "trials").glob("*")
-                                 if (d / "checkpoints" / "epoch_0001").exists())
+            return len(_optuna_trials(study_dir, name)) > at_outage and any(
+                not (d / "metrics.json").exists() for d in (study_dir / "trials").glob("*")
+                if (d / "checkpoints" / "epoch_0001").exists())
 
         _wait_for(new_suggestion_beside_a_running_trial, 120, proc,
                   "a new suggestion beside a running trial", log)
