@@ -332,9 +332,14 @@ class Browser:
             time.sleep(0.25)
 
     def click(self, expression: str, what: str) -> None:
-        """Clicks the element ``expression`` evaluates to, once it exists."""
-        self.wait_for(f"!!({expression})", what)
-        assert self.js(f"({expression}).click() === undefined"), f"could not click {what}"
+        """Clicks the element ``expression`` evaluates to, once it exists.
+
+        Finding and clicking happen in one evaluation, retried until it takes: React may
+        re-render a list between two evaluations, and the element found by the first is
+        then gone by the second (a failure seen in CI on the experiment list).
+        """
+        self.wait_for(f"(() => {{ const e = ({expression}); if (!e) return false; "
+                      f"e.click(); return true; }})()", what)
 
     def screenshot(self, path: Path) -> Path:
         path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot",
