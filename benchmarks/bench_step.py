@@ -10,9 +10,14 @@ Both sides train the same unfrozen all-MiniLM-L6-v2 (``--max-len`` tokens) on th
   with λ_pred = 1 and InfoNCE λ_con = 1, the finiteness check, backward, gradient clipping
   at 1.0, AdamW over the base/encoder/predictor groups, LR scheduler), capped at ``--steps``
   by ``train.max_steps_per_epoch``; bf16 autocast on CUDA as the loop does.
+  The loop's bf16 policy (``trainables.loop.autocast_device``) autocasts the forward on CUDA
+  and on CPUs with native bf16 (AVX512-BF16/AMX); ``ours_fp32`` is the same with
+  ``train.amp`` off, to show where the gain comes from.
 * st-loop: ``SentenceTransformer`` + ``MultipleNegativesRankingLoss`` (scale 20 = our
   temperature 0.05) in a plain torch loop: ``model.preprocess`` of both columns, loss,
-  backward, clipping at 1.0 (the trainer's default), AdamW. bf16 autocast on CUDA.
+  backward, clipping at 1.0 (the trainer's default), AdamW. bf16 autocast on CUDA (as a
+  GPU user would set ``bf16=True``); fp32 on CPU, sentence-transformers' default there.
+  On a bf16 CPU ``st_loop_bf16`` autocasts it too: the like-for-like comparison.
 * st-trainer: ``SentenceTransformerTrainer`` with ``max_steps``, logging, saving and
   evaluation off, a sequential batch sampler (the same batches), timed from one
   ``on_step_end`` to the next (setup excluded; data loading included). Only when
@@ -72,7 +77,7 @@ class Ours:
         self.criterion = JEPALoss(loop.phase_loss(cfg, phase), cfg.model.similarity)
         self.optimizer = loop._optimizer(self.model, cfg, phase)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
-        self.use_amp = cfg.train.amp and device.type == "cuda"
+        self.amp = loop.autocast_device(cfg, device)
         self.step = 0
 
     def batch_ids(self, epoch: int, steps: int) -> list[list[tuple[str, str]]]:
@@ -86,7 +91,7 @@ class Ours:
             update={"max_steps_per_epoch": steps})})
         _, self.step = self.loop._train_epoch(
             self.model, self.model, self.criterion, self.optimizer, self.scheduler,
-            self.batches, self.pairs, None, cfg, epoch, self.step, 0, 1, self.use_amp, False)
+            self.batches, self.pairs, None, cfg, epoch, self.step, 0, 1, self.amp, False)
 
 
 class _StagedBatches:
@@ -113,13 +118,13 @@ class _StagedBatches:
 class STLoop:
     """A plain sentence-transformers fit: MNRL in a hand-written torch loop."""
 
-    def __init__(self, data, max_len: int, device, lr: float = 2e-5):
+    def __init__(self, data, max_len: int, device, lr: float = 2e-5, bf16: bool = False):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.losses import (
             MultipleNegativesRankingLoss)
         from trainables.model import resolve_base_model
 
-        self.data, self.device = data, device
+        self.data, self.device, self.bf16 = data, device, bf16
         self.model = SentenceTransformer(resolve_base_model(common.BASE_MODEL),
                                          device=str(device))
         self.model.max_seq_length = max_len
@@ -135,8 +140,7 @@ class STLoop:
         for chunk in batches:
             q = self._features([self.data.queries[a] for a, _ in chunk])
             d = self._features([self.data.doc_text(b) for _, b in chunk])
-            with torch.autocast("cuda", dtype=torch.bfloat16,
-                                enabled=self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.loss([q, d], None)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -223,12 +227,18 @@ def main(argv: list[str] | None = None) -> dict:
     data = common.load_data(args.data)
     cfg = build_cfg(data.root, freeze=False, max_len=args.max_len, batch_size=bs,
                     steps=steps, amp=True)
+    from trainables.loop import autocast_device
     ours = Ours(data, cfg, device)
-    st_loop = STLoop(data, args.max_len, device)
+    ours_fp32 = (Ours(data, cfg.with_overrides({"train.amp": False}), device)
+                 if ours.amp else None)
+    st_loop = STLoop(data, args.max_len, device, bf16=device.type == "cuda")
+    st_loop_bf16 = (STLoop(data, args.max_len, device, bf16=True)
+                    if autocast_device(cfg, device) == "cpu" else None)
     use_trainer = not args.no_trainer and st_trainer_available()
     import tempfile
     workdir = tempfile.mkdtemp(prefix="bench_step-")
     st_trainer = STTrainer(data, args.max_len, bs, device, workdir) if use_trainer else None
+    print(f"ours autocasts the forward in bf16: {ours.amp or 'no'}")
     print(f"{len(ours.pairs)} train pairs; batch {bs}, max_len {args.max_len}, "
           f"{args.warmup} warm-up + {steps} timed steps x {reps} reps; "
           f"ST trainer: {'yes' if use_trainer else 'no (datasets/accelerate missing)'}")
@@ -237,12 +247,22 @@ def main(argv: list[str] | None = None) -> dict:
     warm = ours.batch_ids(0, args.warmup)
     common.timed(lambda: ours.run(0, args.warmup), device)
     common.timed(lambda: st_loop.run(warm), device)
+    for side in (ours_fp32, st_loop_bf16):
+        if isinstance(side, Ours):
+            common.timed(lambda: side.run(0, args.warmup), device)
+        elif side is not None:
+            common.timed(lambda: side.run(warm), device)
 
-    times: dict[str, list[float]] = {"ours": [], "st_loop": [], "st_trainer": []}
+    times: dict[str, list[float]] = {"ours": [], "ours_fp32": [], "st_loop": [],
+                                     "st_loop_bf16": [], "st_trainer": []}
     for r in range(reps):
         epoch = r + 1
         batches = ours.batch_ids(epoch, steps)
         sides = {"ours": lambda: ours.run(epoch, steps), "st_loop": lambda: st_loop.run(batches)}
+        if ours_fp32 is not None:
+            sides["ours_fp32"] = lambda: ours_fp32.run(epoch, steps)
+        if st_loop_bf16 is not None:
+            sides["st_loop_bf16"] = lambda: st_loop_bf16.run(batches)
         if st_trainer is not None:
             sides["st_trainer"] = lambda: st_trainer.run(ours.batch_ids(0, 1) + batches)
         names = list(sides) if r % 2 == 0 else list(sides)[::-1]
@@ -253,9 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append(seconds)
             print(f"  rep {r + 1}/{reps}  {name:<10s} {seconds:8.3f} s  "
                   f"{steps * bs / seconds:7.2f} ex/s", flush=True)
-    if not times["st_trainer"]:
-        del times["st_trainer"]
-    del ours, st_loop, st_trainer
+    times = {k: v for k, v in times.items() if v}
+    del ours, ours_fp32, st_loop, st_loop_bf16, st_trainer
 
     # frozen-base cached path, for reference (heads only; the loop's own _Batches)
     from trainables.cache import load_or_compute
@@ -300,11 +319,22 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if "st_trainer" in times:
         result["ratio_ours_vs_st_trainer"] = common.ratio(times["st_trainer"], times["ours"])
+    if "ours_fp32" in times:
+        result["ratio_ours_fp32_vs_st_loop"] = common.ratio(times["st_loop"], times["ours_fp32"])
+    if "st_loop_bf16" in times:
+        result["ratio_ours_vs_st_loop_bf16"] = common.ratio(times["st_loop_bf16"],
+                                                            times["ours"])
     rows = [[f"{k} (unfrozen, bs {bs})", spread(v)] for k, v in result["examples_per_s"].items()]
     rows.append(["ratio ours / st_loop (target >= 1)", spread(result["ratio_ours_vs_st_loop"])])
     if "ratio_ours_vs_st_trainer" in result:
         rows.append(["ratio ours / st_trainer (target >= 1)",
                      spread(result["ratio_ours_vs_st_trainer"])])
+    if "ratio_ours_fp32_vs_st_loop" in result:
+        rows.append(["ratio ours_fp32 / st_loop (both fp32)",
+                     spread(result["ratio_ours_fp32_vs_st_loop"])])
+    if "ratio_ours_vs_st_loop_bf16" in result:
+        rows.append(["ratio ours / st_loop_bf16 (both bf16)",
+                     spread(result["ratio_ours_vs_st_loop_bf16"])])
     rows += [[f"frozen base, {k} (heads only)", spread(v)]
              for k, v in result["cached_examples_per_s"].items()]
     ratio = result["ratio_ours_vs_st_loop"]["median"]

@@ -221,3 +221,51 @@ def test_unfrozen_base_trains(tmp_path, monkeypatch):
     assert not torch.equal(before[layer[0]], after[layer[0]])
     # no frozen-base feature cache was built for the tiny data
     assert not (tmp_path / "cache").exists()
+
+
+def test_autocast_policy():
+    """bf16 on CUDA; on a CPU only for a trained base on a core with native bf16."""
+    from trainables import loop
+
+    unfrozen = RunConfig().with_overrides({"model.freeze_base": False})
+    frozen = RunConfig()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loop.autocast_device(frozen, cuda) == "cuda"
+    assert loop.autocast_device(unfrozen.with_overrides({"train.amp": False}), cuda) is None
+    assert loop.autocast_device(frozen, cpu) is None
+    native = loop.cpu_has_native_bf16()
+    assert loop.autocast_device(unfrozen, cpu) == ("cpu" if native else None)
+    assert loop.autocast_device(unfrozen.with_overrides({"train.amp": False}), cpu) is None
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_unfrozen_base_forward_precision_follows_amp(tmp_path, monkeypatch, amp):
+    """With ``train.amp`` the base's matmuls run in bf16 on a bf16 CPU; the loss stays fp32."""
+    from trainables import loop
+    from trainables.data import load_beir
+
+    monkeypatch.setenv("JEPA_STUDY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)  # the policy's CPU probe
+    seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}  # grad on: training
+    real_load_base = loop.load_base
+
+    def load_base_watched(*args, **kwargs):
+        base = real_load_base(*args, **kwargs)
+        first = next(m for m in base.modules() if isinstance(m, torch.nn.Linear))
+        first.register_forward_hook(
+            lambda m, i, o: seen[torch.is_grad_enabled()].add(o.dtype))
+        return base
+
+    monkeypatch.setattr(loop, "load_base", load_base_watched)
+    data = load_beir(_tiny_beir(tmp_path / "beir"))
+    cfg = RunConfig().with_overrides({
+        "model.freeze_base": False, "model.max_seq_length": 32, "model.output_dim": 64,
+        "train.batch_size": 4, "train.epochs": 1, "train.amp": amp,
+        "data.dev_fraction": 0.25, "loss.lambda_pred": 1.0, "loss.lambda_con": 1.0,
+        "loss.lambda_iso": 0.1, "loss.isotropy": "sigreg"})
+    result = train(cfg, out_dir=tmp_path / "run", data=data, progress=False)
+    (last,) = result["history"]
+    assert seen[True] == ({torch.bfloat16} if amp else {torch.float32})
+    assert seen[False] == {torch.float32}  # evaluation encodes in fp32 either way
+    assert math.isfinite(last["train_loss"]) and last["train_loss"] > 0
+    assert math.isfinite(last["dev_ndcg_at_10"])

@@ -149,7 +149,8 @@ class TrainConfig(_Strict):
         0, ge=0, description="mine this many top-ranked non-relevant documents per query with "
         "the base encoder and use one per pair (0: in-batch negatives only)")
     seed: int = 0
-    amp: bool = Field(True, description="bf16 autocast; used on CUDA only")
+    amp: bool = Field(True, description="bf16 autocast of the training forward: on CUDA, and "
+                      "on CPUs with native bf16 when the base encoder is trained")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (for quick runs)")
     phases: list[PhaseConfig] = Field(default_factory=list)
 

@@ -235,7 +235,7 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
-    use_amp = cfg.train.amp and device.type == "cuda"
+    amp = autocast_device(cfg, device)
 
     # -- RESUME
     found = ((resume_from, load_checkpoint(Path(resume_from))) if resume_from
@@ -277,7 +277,7 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
             t0 = time.perf_counter()
             train_parts, step = _train_epoch(
                 net, model, criterion, optimizer, scheduler, batches, pairs, negatives,
-                cfg, epoch, step, rank, world, use_amp, progress and rank == 0)
+                cfg, epoch, step, rank, world, amp, progress and rank == 0)
             metrics = {"epoch": epoch, "phase_index": phase_index, "phase": phase.name,
                        "world_size": world,
                        **{f"train_{k}": v for k, v in train_parts.items()},
@@ -345,9 +345,39 @@ def _steps_per_epoch(n_pairs: int, cfg: RunConfig, world: int) -> int:
     return steps
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX tiles)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probes: assume emulated (slower) bf16
+        return False
+
+
+def autocast_device(cfg: RunConfig, device: torch.device) -> str | None:
+    """The device type whose bf16 autocast wraps the training forward, or None for fp32.
+
+    With ``train.amp``: always on CUDA. On a CPU only when the base encoder runs in the step
+    (an unfrozen base: its matmuls are the step's cost, ~1.5x faster in bf16 on an
+    AVX512-BF16 core, `benchmarks/RESULTS.md` figure 5) and the CPU has native bf16;
+    elsewhere CPU bf16 is emulated and slower, and the cached-feature path trains small heads
+    where it gains nothing. Weights, optimiser state, the loss and evaluation stay fp32.
+    """
+    if not cfg.train.amp:
+        return None
+    if device.type == "cuda":
+        return "cuda"
+    if device.type == "cpu" and not cfg.model.freeze_base and cpu_has_native_bf16():
+        return "cpu"
+    return None
+
+
 def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, negatives,
-                 cfg, epoch, step, rank, world, use_amp, progress):
-    """One pass over this rank's share of the pairs; returns mean loss parts and the step."""
+                 cfg, epoch, step, rank, world, amp, progress):
+    """One pass over this rank's share of the pairs; returns mean loss parts and the step.
+
+    ``amp`` is the device type whose bf16 autocast wraps the forward (None: fp32); the loss
+    is computed outside it, in fp32, from the outputs cast back.
+    """
     order = epoch_order(len(pairs), cfg.train.seed, epoch)[rank::world]
     bs = cfg.train.batch_size
     n_steps = _steps_per_epoch(len(pairs), cfg, world)
@@ -367,12 +397,12 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
             neg_ids = [rng.choice(negatives[q]) if negatives[q] else d for q, d in chunk]
             neg_inputs = batches.docs(neg_ids)
         # Step 1. Forward
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(amp or "cpu", dtype=torch.bfloat16, enabled=amp is not None):
             out = net(batches.queries(qids), batches.docs(dids), neg_inputs)
-            total, parts = criterion(out["q"].float(), out["d"].float(), out["pred_d"].float(),
-                                     pred_q=out["pred_q"].float() if "pred_q" in out else None,
-                                     hard_neg=out["neg"].float() if "neg" in out else None,
-                                     doc_ids=dids, hard_neg_ids=neg_ids, step=step)
+        total, parts = criterion(out["q"].float(), out["d"].float(), out["pred_d"].float(),
+                                 pred_q=out["pred_q"].float() if "pred_q" in out else None,
+                                 hard_neg=out["neg"].float() if "neg" in out else None,
+                                 doc_ids=dids, hard_neg_ids=neg_ids, step=step)
         # One device-to-host copy per step (on CUDA, the step's only sync): the divergence
         # flag, summed over ranks so that every rank stops together (or the others hang at
         # the next collective), and this rank's loss parts.
