@@ -69,9 +69,9 @@ def _trial_times(study_dir: Path) -> list[dict]:
 
 def figure_overhead(tmp: Path, quick: bool, reps: int, epochs: int | None,
                     gpu: bool = False) -> dict:
-    # ~0.45 s an epoch of `hybrid` on one idle core: 130 epochs make the ~60 s training the
+    # ~0.42 s an epoch of `hybrid` on one idle core: 143 epochs make the ~60 s training the
     # issue names (quick: ~7 s).
-    epochs = epochs or (15 if quick else 130)
+    epochs = epochs or (15 if quick else 143)
     space = _space(tmp, "overhead", epochs, 1)
     config = tmp / "overhead_run.yaml"
     from search_spaces.space import load_space
@@ -141,7 +141,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--figures", default="1,3,4")
     p.add_argument("--overhead-epochs", type=int, default=None,
-                   help="epochs of the figure-1 training (default 130: ~60 s on one core)")
+                   help="epochs of the figure-1 training (default 143: ~60 s on one core)")
     args = p.parse_args()
     device = resolve_device(args.device)
     figures = {int(f) for f in args.figures.split(",")}
