@@ -9,10 +9,10 @@ Both sides train the same unfrozen all-MiniLM-L6-v2 (``--max-len`` tokens) on th
   forward of queries and documents through the base, projection and predictor, ``JEPALoss``
   with λ_pred = 1 and InfoNCE λ_con = 1, the finiteness check, backward, gradient clipping
   at 1.0, AdamW over the base/encoder/predictor groups, LR scheduler), capped at ``--steps``
-  by ``train.max_steps_per_epoch``; bf16 autocast on CUDA as the loop does.
-  The loop's bf16 policy (``trainables.loop.autocast_device``) autocasts the forward on CUDA
-  and on CPUs with native bf16 (AVX512-BF16/AMX); ``ours_fp32`` is the same with
-  ``train.amp`` off, to show where the gain comes from.
+  by ``train.max_steps_per_epoch``. The loop's bf16 policy
+  (``trainables.loop.autocast_device``) autocasts the forward on CUDA and on CPUs with
+  native bf16 (AVX512-BF16/AMX); ``ours_fp32`` is the same with ``train.amp`` off, to show
+  where the gain comes from.
 * st-loop: ``SentenceTransformer`` + ``MultipleNegativesRankingLoss`` (scale 20 = our
   temperature 0.05) in a plain torch loop: ``model.preprocess`` of both columns, loss,
   backward, clipping at 1.0 (the trainer's default), AdamW. bf16 autocast on CUDA (as a
@@ -227,13 +227,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = common.load_data(args.data)
     cfg = build_cfg(data.root, freeze=False, max_len=args.max_len, batch_size=bs,
                     steps=steps, amp=True)
-    from trainables.loop import autocast_device
     ours = Ours(data, cfg, device)
     ours_fp32 = (Ours(data, cfg.with_overrides({"train.amp": False}), device)
                  if ours.amp else None)
     st_loop = STLoop(data, args.max_len, device, bf16=device.type == "cuda")
     st_loop_bf16 = (STLoop(data, args.max_len, device, bf16=True)
-                    if autocast_device(cfg, device) == "cpu" else None)
+                    if ours.amp == "cpu" else None)
     use_trainer = not args.no_trainer and st_trainer_available()
     import tempfile
     workdir = tempfile.mkdtemp(prefix="bench_step-")
@@ -247,11 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
     warm = ours.batch_ids(0, args.warmup)
     common.timed(lambda: ours.run(0, args.warmup), device)
     common.timed(lambda: st_loop.run(warm), device)
-    for side in (ours_fp32, st_loop_bf16):
-        if isinstance(side, Ours):
-            common.timed(lambda: side.run(0, args.warmup), device)
-        elif side is not None:
-            common.timed(lambda: side.run(warm), device)
+    if ours_fp32 is not None:
+        common.timed(lambda: ours_fp32.run(0, args.warmup), device)
+    if st_loop_bf16 is not None:
+        common.timed(lambda: st_loop_bf16.run(warm), device)
 
     times: dict[str, list[float]] = {"ours": [], "ours_fp32": [], "st_loop": [],
                                      "st_loop_bf16": [], "st_trainer": []}
