@@ -104,22 +104,37 @@ def _faiss_search(query_emb: torch.Tensor, doc_emb: torch.Tensor, similarity: st
     return scores_t.to(query_emb.device), torch.from_numpy(indices).to(query_emb.device)
 
 
-def ir_metrics(run: Mapping[str, Mapping[str, float]], qrels: Qrels) -> dict[str, float]:
-    """Mean nDCG@10, Recall@100 and MRR@10 over the judged queries (pytrec_eval)."""
+def per_query_metrics(run: Mapping[str, Mapping[str, float]],
+                      qrels: Qrels) -> dict[str, dict[str, float]]:
+    """nDCG@10, Recall@100 and MRR@10 of every judged query in ``run`` (pytrec_eval).
+
+    Returns ``{metric: {query id: value}}`` over the queries of ``qrels`` that ``run`` holds
+    (a query the run left empty scores 0): the unit of a paired test over queries.
+    """
     judged = {q: dict(docs) for q, docs in qrels.items() if q in run}
     if not judged:
         raise ValueError("no query of the qrels appears in the run")
     evaluator = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10", "recall.100"})
-    per_query = evaluator.evaluate({q: dict(run[q]) for q in judged})
+    scored = evaluator.evaluate({q: dict(run[q]) for q in judged})
     top10 = {q: dict(sorted(run[q].items(), key=lambda kv: (-kv[1], kv[0]))[:10])
              for q in judged}
     rr = pytrec_eval.RelevanceEvaluator(judged, {"recip_rank"}).evaluate(top10)
-    n = len(judged)
+    zero = {"ndcg_cut_10": 0.0, "recall_100": 0.0, "recip_rank": 0.0}
     return {
-        "ndcg_at_10": sum(v["ndcg_cut_10"] for v in per_query.values()) / n,
-        "recall_at_100": sum(v["recall_100"] for v in per_query.values()) / n,
-        "mrr_at_10": sum(v["recip_rank"] for v in rr.values()) / n,
+        "ndcg_at_10": {q: scored.get(q, zero)["ndcg_cut_10"] for q in judged},
+        "recall_at_100": {q: scored.get(q, zero)["recall_100"] for q in judged},
+        "mrr_at_10": {q: rr.get(q, zero)["recip_rank"] for q in judged},
     }
+
+
+def mean_metrics(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The mean over queries of each metric of :func:`per_query_metrics`."""
+    return {name: sum(values.values()) / len(values) for name, values in per_query.items()}
+
+
+def ir_metrics(run: Mapping[str, Mapping[str, float]], qrels: Qrels) -> dict[str, float]:
+    """Mean nDCG@10, Recall@100 and MRR@10 over the judged queries (pytrec_eval)."""
+    return mean_metrics(per_query_metrics(run, qrels))
 
 
 def retrieval_metrics(query_ids: list[str], query_emb: torch.Tensor, doc_ids: list[str],
