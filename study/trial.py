@@ -307,9 +307,14 @@ def _train_worker(config: dict) -> None:
     with _resume_dir(ray.train.get_checkpoint(), out_dir, spec.loop) as resume_from:
         if _diverged_in(resume_from) is not None:
             return  # restored a diverged run: its Result already holds the stop result
+        device = None
+        if spec.use_gpu:  # the GPU Ray Train gave this worker
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
         stopped = _run_loop(spec, config["run_config"], out_dir=out_dir,
                             resume_from=resume_from, report=report, entered=config["entered"],
-                            shared=config["shared"])
+                            shared=config["shared"], device=device)
     if stopped is not None:
         # Every rank reports (the report is a barrier). Rank 0 attaches the marker checkpoint:
         # the Train Result's metrics are those of the latest *checkpoint*, so a metrics-only
@@ -322,9 +327,12 @@ def _train_worker(config: dict) -> None:
 # -- shared pieces -------------------------------------------------------------------------
 
 def _run_loop(spec: TrialSpec, run_config: dict, *, out_dir: Path, resume_from: Path | None,
-              report: Report, entered: float,
-              shared: dict[str, Any]) -> dict[str, Any] | None:
-    """Runs the loop, reporting each epoch; returns the stop result if it diverged."""
+              report: Report, entered: float, shared: dict[str, Any],
+              device: Any = None) -> dict[str, Any] | None:
+    """Runs the loop, reporting each epoch; returns the stop result if it diverged.
+
+    ``device``: where the loop trains, when the caller placed it (a Ray Train GPU worker);
+    otherwise the loop's default."""
     import ray
     import torch
 
@@ -353,6 +361,8 @@ def _run_loop(spec: TrialSpec, run_config: dict, *, out_dir: Path, resume_from: 
                  for k, v in shared.items() if v is not None}
         if spec.checkpoint_interval_s:  # a loop that takes no interval checkpoints every epoch
             extra["checkpoint_interval_s"] = spec.checkpoint_interval_s
+        if device is not None:
+            extra["device"] = device
         loop(cfg, out_dir=out_dir, callback=callback, resume_from=resume_from, progress=False,
              **extra)
     except Exception as exc:

@@ -224,3 +224,24 @@ def test_flatten():
     assert RunConfig().with_overrides(full) == RunConfig()
     assert set(LossConfig.model_fields) == {k.split(".", 1)[1] for k in full
                                             if k.startswith("loss.")}
+
+
+def test_stop_after_epoch_within_the_schedule():
+    assert RunConfig.from_dict({"train": {"epochs": 10, "stop_after_epoch": 10}})
+    with pytest.raises(ConfigError, match=r"stop_after_epoch \(11\) is past the last epoch of the schedule \(10\)"):
+        RunConfig.from_dict({"train": {"epochs": 10, "stop_after_epoch": 11}})
+    phased = {"train": {"stop_after_epoch": 3, "phases": [{"name": "joint", "epochs": 2},
+                                                          {"name": "joint", "epochs": 2}]}}
+    assert RunConfig.from_dict(phased).train.total_epochs == 4
+    with pytest.raises(ConfigError, match="patience"):
+        RunConfig.from_dict({"train": {"patience": 0}})
+
+
+def test_auto_scoring_and_trains_predictor():
+    cfg = RunConfig.from_dict({"eval": {"score_with": "auto"},
+                               "loss": {"lambda_pred": 0.0, "lambda_con": 1.0}})
+    assert cfg.eval.score_with == "auto" and not cfg.trains_predictor  # auto: the query
+    assert RunConfig().trains_predictor
+    phased = RunConfig.from_dict({"loss": {"lambda_pred": 0.0, "lambda_con": 1.0}, "train": {
+        "phases": [{"name": "joint", "epochs": 1, "loss": {"lambda_pred": 0.5}}]}})
+    assert phased.trains_predictor

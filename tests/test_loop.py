@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from trainables.config import RunConfig
-from trainables.loop import (TrainingDiverged, checkpoint_dirs, latest_valid_checkpoint,
-                             train, zero_shot)
+from trainables.data import make_splits
+from trainables.evaluate import evaluate_model
+from trainables.loop import (TrainingDiverged, checkpoint_dirs, epoch_items,
+                             latest_valid_checkpoint, train, training_pairs, zero_shot)
+from trainables.model import JEPAModel
 
 
 def _cfg(scifact_dir, **overrides) -> RunConfig:
@@ -63,7 +66,8 @@ def test_short_training_beats_zero_shot_on_test(tmp_path, scifact_dir, scifact,
 
 def test_resume_matches_uninterrupted(tmp_path, scifact_dir, scifact, scifact_features):
     cfg = _cfg(scifact_dir, **{"train.epochs": 3, "train.max_steps_per_epoch": 4,
-                               "model.predictor.dropout": 0.2})
+                               "model.predictor.dropout": 0.2, "eval.score_with": "auto",
+                               "train.patience": 2})
     full = train(cfg, out_dir=tmp_path / "full", data=scifact, features=scifact_features,
                  progress=False)
 
@@ -76,6 +80,9 @@ def test_resume_matches_uninterrupted(tmp_path, scifact_dir, scifact, scifact_fe
     assert resumed["final"]["dev_ndcg_at_10"] == full["final"]["dev_ndcg_at_10"]
     assert resumed["test"] == full["test"]
     assert resumed["final"]["train_loss"] == full["final"]["train_loss"]
+    assert (resumed["best_epoch"], resumed["score_with"]) == (full["best_epoch"],
+                                                              full["score_with"])
+    assert resumed["test_per_query"] == full["test_per_query"]
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, scifact_dir, scifact,
@@ -168,3 +175,117 @@ def test_checkpoint_interval_keeps_first_and_last_and_resumes_exactly(
     for again, first in zip(resumed["history"], full["history"]):  # times aside, the same
         assert {k: v for k, v in again.items() if k.startswith(("dev_", "train_"))} == \
             {k: v for k, v in first.items() if k.startswith(("dev_", "train_"))}
+
+
+# -- the budget: best dev epoch, patience, stop_after_epoch, scoring chosen on dev ----------
+
+
+def test_final_figures_are_the_best_dev_epochs(tmp_path, scifact_dir, scifact,
+                                               scifact_features):
+    """The run reports its best dev epoch (first of equals), keeps that epoch's weights,
+    and evaluates test only at each new best epoch."""
+    cfg = _cfg(scifact_dir, **{"train.epochs": 6, "train.max_steps_per_epoch": 3,
+                               "train.lr": 0.01, "eval.score_with": "auto"})
+    result = train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features,
+                   progress=False)
+    history = result["history"]
+    devs = [m["dev_ndcg_at_10"] for m in history]
+    best = devs.index(max(devs)) + 1
+    assert result["best_epoch"] == best and result["best_dev_ndcg_at_10"] == max(devs)
+    assert result["final"] == history[best - 1]
+    assert result["test"] == {k: v for k, v in history[best - 1].items()
+                              if k.startswith("test_")}
+    # test figures only where dev set a new best, and the running best is reported
+    running = -1.0
+    for m in history:
+        assert ("test_ndcg_at_10" in m) == (m["dev_ndcg_at_10"] > running), m["epoch"]
+        running = max(running, m["dev_ndcg_at_10"])
+        assert m["best_dev_ndcg_at_10"] == running
+    # scoring chosen on dev: each epoch's headline is the better scoring, and the run's is
+    # its best epoch's; the test headline follows that choice, whatever test says
+    for m in history:
+        q, p = m["dev_query_ndcg_at_10"], m["dev_predictor_ndcg_at_10"]
+        assert m["dev_ndcg_at_10"] == max(q, p)
+        assert m["dev_scored_with"] == ("predictor" if p > q else "query")
+    mode = history[best - 1]["dev_scored_with"]
+    assert result["score_with"] == mode
+    assert result["test"]["test_ndcg_at_10"] == result["test"][f"test_{mode}_ndcg_at_10"]
+    # per-query test figures of the best epoch, both scorings
+    per_query = json.loads((tmp_path / "metrics.json").read_text())["test_per_query"]
+    assert len(per_query["query"]) == len(scifact.qrels["test"]) == 300
+    for scoring in ("query", "predictor"):
+        mean = sum(per_query[scoring].values()) / len(per_query[scoring])
+        assert mean == pytest.approx(result["test"][f"test_{scoring}_ndcg_at_10"], abs=1e-12)
+    # the best epoch's weights travel with the last checkpoint: evaluated, they give its dev
+    state = torch.load(checkpoint_dirs(tmp_path)[0] / "state.pt", weights_only=False)
+    model = JEPAModel(cfg.model, base_dim=scifact_features.dim)
+    model.load_state_dict(state["selection"]["model"])
+    dev = make_splits(scifact)["dev"]
+    qids = sorted(dev)
+    raw = evaluate_model(model, query_ids=qids, query_inputs=scifact_features.queries(qids),
+                         doc_ids=scifact_features.doc_ids,
+                         doc_emb=model.encode_docs(scifact_features.doc_features).detach(),
+                         qrels=dev, similarity="cosine", diagnostics=False)
+    assert raw[f"{mode}_ndcg_at_10"] == pytest.approx(result["best_dev_ndcg_at_10"], abs=1e-9)
+
+
+def test_patience_ends_a_run_that_stopped_improving(tmp_path, scifact_dir, scifact,
+                                                    scifact_features):
+    # a learning rate of 1e-12 leaves the zero-shot weights as they are: dev never improves
+    cfg = _cfg(scifact_dir, **{"train.epochs": 20, "train.max_steps_per_epoch": 2,
+                               "train.lr": 1e-12, "train.patience": 3,
+                               "eval.evaluate_test": False})
+    result = train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features,
+                   progress=False)
+    assert [m["epoch"] for m in result["history"]] == [1, 2, 3, 4]
+    assert result["best_epoch"] == 1
+    assert result["end_reason"].startswith("patience: no dev improvement in 3 epochs")
+    assert [m["end_reason"] for m in result["history"]][:-1] == ["", "", ""]
+    # a resumed run that had ended stays ended
+    again = train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features,
+                  progress=False)
+    assert len(again["history"]) == 4 and again["best_epoch"] == 1
+
+
+def test_stop_after_epoch_keeps_the_schedule(tmp_path, scifact_dir, scifact, scifact_features):
+    """An exported trial reruns to its best epoch: the first epochs of the whole run,
+    exactly, under the whole run's learning-rate schedule."""
+    cfg = _cfg(scifact_dir, **{"train.epochs": 5, "train.max_steps_per_epoch": 3,
+                               "eval.evaluate_test": False})
+    whole = train(cfg, out_dir=tmp_path / "whole", data=scifact, features=scifact_features,
+                  progress=False)
+    cut = train(cfg.with_overrides({"train.stop_after_epoch": 2}), out_dir=tmp_path / "cut",
+                data=scifact, features=scifact_features, progress=False)
+    assert len(cut["history"]) == 2 and cut["end_reason"] == "stop_after_epoch: 2"
+    for a, b in zip(cut["history"], whole["history"][:2]):
+        assert {k: v for k, v in a.items() if k.startswith(("dev_", "train_", "lr"))} == \
+            {k: v for k, v in b.items() if k.startswith(("dev_", "train_", "lr"))}
+    assert cut["history"][-1]["lr"] > whole["history"][-1]["lr"]  # mid-schedule, not decayed
+
+
+def test_auto_scoring_without_a_trained_predictor_scores_with_the_query(
+        tmp_path, scifact_dir, scifact, scifact_features):
+    cfg = _cfg(scifact_dir, **{"train.epochs": 2, "train.max_steps_per_epoch": 2,
+                               "loss.lambda_pred": 0.0, "eval.score_with": "auto",
+                               "eval.evaluate_test": False, "model.predictor.residual": False})
+    result = train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features,
+                   progress=False)
+    assert result["score_with"] == "query"
+    assert all(m["dev_scored_with"] == "query" for m in result["history"])
+
+
+def test_an_epoch_of_queries_draws_one_positive_per_query(scifact):
+    train_qrels = make_splits(scifact)["train"]
+    pairs = training_pairs(train_qrels)
+    assert epoch_items(pairs, "pairs", 0, 1) != epoch_items(pairs, "pairs", 0, 2)
+    assert sorted(epoch_items(pairs, "pairs", 0, 1)) == pairs
+    items = epoch_items(pairs, "queries", 0, 1)
+    assert sorted(q for q, _ in items) == sorted(train_qrels)  # every query once
+    assert all(train_qrels[q][d] > 0 for q, d in items)
+    assert items == epoch_items(pairs, "queries", 0, 1)  # seeded
+    several = [q for q in train_qrels if len(train_qrels[q]) > 1]
+    drawn = {q: {dict(epoch_items(pairs, "queries", 0, e))[q] for e in range(1, 30)}
+             for q in several[:5]}
+    assert any(len(docs) > 1 for docs in drawn.values())  # other positives over epochs
+    with pytest.raises(ValueError, match="sampling"):
+        epoch_items(pairs, "docs", 0, 1)

@@ -87,3 +87,19 @@ def test_frozen_base_gets_no_gradient():
     out = model(["what is dna"], ["dna is a molecule"])
     assert not any(p.requires_grad for p in model.base_parameters())
     assert out["q"].requires_grad  # the projection still trains
+
+
+def test_query_head_is_the_predictors_shape_on_the_query_side_only():
+    cfg = ModelConfig(query_head=True, predictor=PredictorConfig(depth=3, hidden_mult=1.0,
+                                                                 residual=True))
+    model = JEPAModel(cfg, base_dim=384).eval()
+    plain = JEPAModel(ModelConfig(predictor=cfg.predictor), base_dim=384)
+    assert _n(model.query_head) == _n(model.predictor)  # capacity matched, layer for layer
+    assert _n(model) == _n(plain) + _n(model.predictor)
+    x = torch.randn(5, 384)
+    # residual: starts as the identity, so at step 0 it scores like the plain query tower
+    assert torch.allclose(model.encode_queries(x), model.proj_q(x))
+    assert torch.equal(model.encode_docs(x), model.proj_d(x))
+    params = {id(p) for p in model.encoder_parameters()}
+    assert all(id(p) in params for p in model.query_head.parameters())
+    assert JEPAModel(ModelConfig(), base_dim=384).query_head is None

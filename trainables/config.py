@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 _PACKAGED_NAMES = {DEFAULT_BASE_MODEL, f"sentence-transformers/{DEFAULT_BASE_MODEL}"}
@@ -71,6 +72,10 @@ class ModelConfig(_Strict):
     )
     variant: Literal["shared", "asymmetric", "bidirectional"] = "shared"
     predictor: PredictorConfig = Field(default_factory=PredictorConfig)
+    query_head: bool = Field(
+        False, description="a query-side MLP of the predictor's shape (depth, width, dropout, "
+        "residual) after the query projection, trained by whatever trains the encoder: with "
+        "lambda_pred 0, the capacity-matched control of a predictor-scored JEPA model")
     similarity: Literal["cosine", "euclidean"] = Field(
         "cosine", description="retrieval score: cosine, or negative Euclidean distance"
     )
@@ -81,7 +86,8 @@ class LossConfig(_Strict):
 
     Scales (so that λ's can be compared): L_pred is a per-dimension mean squared error; L_con
     (InfoNCE) is a cross-entropy, ~log(batch) at chance; L_iso ``covariance`` is
-    ||Cov - mean_var·I||_F / D and ``sigreg`` is the Epps-Pulley statistic (N times an
+    ||Cov/mean_var - I||_F / D (scale-free: ~1/sqrt(N) for isotropic
+    samples, ~1 for a collapse) and ``sigreg`` is the Epps-Pulley statistic (N times an
     integral, so it grows with the batch size N and with any departure from N(0, 1) in scale:
     a λ_iso of 1 can dominate and collapse a 512-d projection; LeJEPA uses ~0.02); L_reg
     ``l2`` is the mean squared embedding coordinate.
@@ -97,11 +103,19 @@ class LossConfig(_Strict):
     margin: float = Field(1.0, gt=0)
     isotropy: Literal["covariance", "sigreg"] = "covariance"
     sigreg_slices: int = Field(256, ge=1)
-    sigreg_points: int = Field(17, ge=3)
+    sigreg_points: int = Field(17, ge=3, description="integration points on [0, t_max]; "
+                               "odd, so the grid has a midpoint (LeJEPA uses 17)")
     sigreg_t_max: float = Field(3.0, gt=0)
     reg: Literal["l2", "std"] = Field("l2", description="l2: mean squared coordinate; "
                                        "std: (per-dim std - reg_target_std)^2 as in ragcun")
     reg_target_std: float = Field(1.0, gt=0)
+
+    @field_validator("sigreg_points")
+    @classmethod
+    def _odd_points(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be odd, so the grid has a midpoint (LeJEPA: 17)")
+        return value
 
     @model_validator(mode="after")
     def _some_term(self) -> "LossConfig":
@@ -136,9 +150,27 @@ class PhaseConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Optimisation. ``epochs`` is used when ``phases`` is empty (one joint phase)."""
+    """Optimisation and the epoch budget.
 
-    epochs: int = Field(3, ge=1)
+    ``epochs`` (or the phases' epochs) is the most a run trains and the length of its
+    learning-rate schedule. The run keeps the weights of its best dev epoch (``eval``'s
+    headline dev nDCG@10) and reports that epoch's figures as final; ``patience`` ends it once
+    dev has not improved for that many epochs, and ``stop_after_epoch`` ends it after a given
+    epoch (the schedule still spans every epoch: an exported trial reruns to its best epoch).
+    """
+
+    epochs: int = Field(3, ge=1, description="epochs of the schedule (one joint phase when "
+                        "phases is empty): the most the run trains")
+    patience: int | None = Field(
+        None, ge=1, description="stop once the dev headline has not improved for this many "
+        "epochs (null: train every epoch); the best epoch's weights are kept either way")
+    stop_after_epoch: int | None = Field(
+        None, ge=1, description="end the run after this epoch; the learning-rate schedule "
+        "still spans every epoch (set by export: the trial's best epoch)")
+    sampling: Literal["pairs", "queries"] = Field(
+        "pairs", description="what an epoch is: pairs, every (query, positive) pair once; "
+        "queries, every train query once with one of its positives drawn (seeded), for "
+        "collections with many positives per query (NFCorpus: ~43)")
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0, description="projection and predictor learning rate")
     lr_base: float = Field(2e-5, gt=0, description="base encoder learning rate (unfrozen)")
@@ -159,8 +191,15 @@ class TrainConfig(_Strict):
 
     @property
     def total_epochs(self) -> int:
-        """Epochs over all phases: the number of the run's last epoch."""
+        """Epochs over all phases: the length of the schedule, the most a run trains."""
         return sum(p.epochs for p in self.resolved_phases())
+
+    @model_validator(mode="after")
+    def _stop_within_schedule(self) -> "TrainConfig":
+        if self.stop_after_epoch is not None and self.stop_after_epoch > self.total_epochs:
+            raise ValueError(f"stop_after_epoch ({self.stop_after_epoch}) is past the last "
+                             f"epoch of the schedule ({self.total_epochs})")
+        return self
 
 
 class DataConfig(_Strict):
@@ -176,10 +215,21 @@ class DataConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    score_with: Literal["query", "predictor"] = Field(
-        "query", description="which query vector the headline metrics use; both are reported")
+    """Evaluation. Both scorings are computed every epoch; ``score_with`` picks the headline.
+
+    ``auto`` makes the scoring a choice on dev: each epoch's headline is the better of the
+    two, and the run's scoring is that of its best epoch (reported as
+    ``best_scored_with_predictor``; an exported config names it). Without a trained predictor
+    (lambda_pred 0 in every phase that trains it) ``auto`` scores with the query.
+    """
+
+    score_with: Literal["query", "predictor", "auto"] = Field(
+        "query", description="which query vector the headline metrics use (auto: the better "
+        "on dev); both are reported")
     batch_size: int = Field(256, ge=1)
-    evaluate_test: bool = Field(True, description="evaluate the test split after training")
+    evaluate_test: bool = Field(True, description="evaluate the test split at each new best "
+                                "dev epoch, so the final test figures are the best epoch's "
+                                "(reported only: nothing is chosen by them)")
     faiss_min_docs: int | None = Field(
         200_000, ge=1, description="search with FAISS from this corpus size up (null: never); "
         "below it one exact torch matmul is faster (benchmarks/RESULTS.md, figure 6)")
@@ -213,9 +263,7 @@ class RunConfig(_Strict):
             except ValidationError as exc:
                 raise ValueError("; ".join(_error_lines(exc, f"train.phases.{i}.loss"))) from None
         effective = effective or [("joint", self.loss)]
-        if self.eval.score_with == "predictor" and not any(
-            loss.lambda_pred > 0 for name, loss in effective if name != "isotropy_finetune"
-        ):
+        if self.eval.score_with == "predictor" and not self.trains_predictor:
             raise ValueError("eval.score_with is 'predictor' but lambda_pred is 0 in every "
                              "phase that trains the predictor: it would never be trained")
         for name, loss in effective:
@@ -223,6 +271,12 @@ class RunConfig(_Strict):
                 raise ValueError(f"phase {name!r} trains only the predictor but its "
                                  "lambda_pred is 0")
         return self
+
+    @property
+    def trains_predictor(self) -> bool:
+        """Whether lambda_pred > 0 in some phase that trains the predictor."""
+        return any(LossConfig.model_validate({**self.loss.model_dump(), **p.loss}).lambda_pred > 0
+                   for p in self.train.resolved_phases() if p.name != "isotropy_finetune")
 
     # -- YAML in and out -------------------------------------------------------------------
 

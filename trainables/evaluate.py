@@ -137,16 +137,24 @@ def ir_metrics(run: Mapping[str, Mapping[str, float]], qrels: Qrels) -> dict[str
     return mean_metrics(per_query_metrics(run, qrels))
 
 
-def retrieval_metrics(query_ids: list[str], query_emb: torch.Tensor, doc_ids: list[str],
-                      doc_emb: torch.Tensor, qrels: Qrels, similarity: str = "cosine",
-                      k: int = 100, **search_kw) -> dict[str, float]:
-    """Searches the corpus for each query and scores the run against ``qrels``.
+def retrieval_per_query(query_ids: list[str], query_emb: torch.Tensor, doc_ids: list[str],
+                        doc_emb: torch.Tensor, qrels: Qrels, similarity: str = "cosine",
+                        k: int = 100, **search_kw) -> dict[str, dict[str, float]]:
+    """Searches the corpus for each query; :func:`per_query_metrics` of the run.
 
     As in BEIR, a document whose id equals the query's id is not returned for that query.
     ``search_kw`` goes to :func:`search` (``faiss_min_docs``, ``faiss_index``).
     """
     scores, indices = search(query_emb, doc_emb, similarity, k=k + 1, **search_kw)
-    return ir_metrics(_run(query_ids, scores, indices, doc_ids, k), qrels)
+    return per_query_metrics(_run(query_ids, scores, indices, doc_ids, k), qrels)
+
+
+def retrieval_metrics(query_ids: list[str], query_emb: torch.Tensor, doc_ids: list[str],
+                      doc_emb: torch.Tensor, qrels: Qrels, similarity: str = "cosine",
+                      k: int = 100, **search_kw) -> dict[str, float]:
+    """The mean metrics of :func:`retrieval_per_query`."""
+    return mean_metrics(retrieval_per_query(query_ids, query_emb, doc_ids, doc_emb, qrels,
+                                            similarity, k, **search_kw))
 
 
 def _run(query_ids: list[str], scores: torch.Tensor, indices: torch.Tensor,
@@ -215,7 +223,25 @@ def evaluate_model(model, *, query_ids: list[str], query_inputs, doc_ids: list[s
     Keys: ``query_<metric>``, ``predictor_<metric>`` for each of ``METRIC_NAMES``,
     ``pred_error`` (MSE between the predicted and the actual embedding of each judged
     positive document) and, with ``diagnostics``, the collapse diagnostics of the document
-    embeddings. Both query sets go through one search (the corpus is prepared once).
+    embeddings. See :func:`evaluate_model_per_query` for the per-query figures.
+    """
+    return evaluate_model_per_query(
+        model, query_ids=query_ids, query_inputs=query_inputs, doc_ids=doc_ids,
+        doc_emb=doc_emb, qrels=qrels, similarity=similarity, batch_size=batch_size,
+        diagnostics=diagnostics, k=k, **search_kw)[0]
+
+
+@torch.no_grad()
+def evaluate_model_per_query(model, *, query_ids: list[str], query_inputs, doc_ids: list[str],
+                             doc_emb: torch.Tensor, qrels: Qrels, similarity: str,
+                             batch_size: int = 256, diagnostics: bool = True, k: int = 100,
+                             **search_kw) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """:func:`evaluate_model`'s means, and every query's nDCG@10 under each scoring.
+
+    Returns:
+        ``(metrics, per_query)``: ``per_query`` is ``{"query": {qid: nDCG@10},
+        "predictor": {qid: nDCG@10}}``. Both query sets go through one search (the corpus
+        is prepared once).
     """
     was_training = model.training
     model.eval()
@@ -228,9 +254,12 @@ def evaluate_model(model, *, query_ids: list[str], query_inputs, doc_ids: list[s
     scores, indices = search(torch.cat([q, pred]), doc_emb, similarity, k=k + 1, **search_kw)
     n = len(query_ids)
     out: dict[str, float] = {}
+    per_query: dict[str, dict[str, float]] = {}
     for name, rows in (("query", slice(0, n)), ("predictor", slice(n, 2 * n))):
-        run = _run(query_ids, scores[rows], indices[rows], doc_ids, k)
-        out.update({f"{name}_{key}": v for key, v in ir_metrics(run, qrels).items()})
+        scored = per_query_metrics(_run(query_ids, scores[rows], indices[rows], doc_ids, k),
+                                   qrels)
+        per_query[name] = scored["ndcg_at_10"]
+        out.update({f"{name}_{key}": v for key, v in mean_metrics(scored).items()})
     if diagnostics:
         out.update(collapse_diagnostics(doc_emb))
     row = {d: i for i, d in enumerate(doc_ids)}
@@ -239,4 +268,4 @@ def evaluate_model(model, *, query_ids: list[str], query_inputs, doc_ids: list[s
     if pairs:
         qi, di = zip(*pairs)
         out["pred_error"] = prediction_error(pred[list(qi)], doc_emb[list(di)])
-    return out
+    return out, per_query

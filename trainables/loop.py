@@ -1,5 +1,11 @@
 """One training run, top to bottom: data, model, phases, epochs, checkpoints, evaluation.
 
+Budget and selection: a run trains up to its schedule's last epoch, evaluates dev after
+every epoch, keeps the weights of its best dev epoch (the headline dev nDCG@10; with
+``eval.score_with: auto`` the better of query and predictor scoring, a choice made on dev)
+and reports that epoch's dev and test figures as final. ``train.patience`` ends it once dev
+has stopped improving; the test split is evaluated only at each new best epoch.
+
 The loop knows nothing of Ray or MLflow. After every epoch it calls ``callback(metrics,
 checkpoint_dir)``, after writing a checkpoint on the first and last epoch and otherwise at
 most every ``checkpoint_interval_s`` seconds (0, the default: every epoch; ``checkpoint_dir``
@@ -31,7 +37,8 @@ import torch.distributed as dist
 from trainables.cache import FeatureTables, load_or_compute
 from trainables.config import LossConfig, PhaseConfig, RunConfig
 from trainables.data import BeirData, load_beir, make_splits, resolve_data_dir
-from trainables.evaluate import embed_corpus, evaluate_model, retrieval_metrics
+from trainables.evaluate import (METRIC_NAMES, embed_corpus, evaluate_model_per_query,
+                                 retrieval_per_query, mean_metrics)
 from trainables.losses import JEPALoss
 from trainables.model import JEPAModel, load_base
 
@@ -80,14 +87,10 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        try:
-            import ray.train.torch  # noqa: F401  (only to find Ray's chosen device)
-            return ray.train.torch.get_device()
-        except Exception:
-            return torch.device("cuda")
-    return torch.device("cpu")
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU (a caller that placed the run, e.g. a Ray
+    Train worker, passes its own device instead)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -95,6 +98,27 @@ def _device() -> torch.device:
 def training_pairs(qrels: dict[str, dict[str, int]]) -> list[tuple[str, str]]:
     """(query, positive document) pairs, in a fixed order."""
     return sorted((q, d) for q, docs in qrels.items() for d, rel in docs.items() if rel > 0)
+
+
+def epoch_items(pairs: list[tuple[str, str]], sampling: str, seed: int,
+                epoch: int) -> list[tuple[str, str]]:
+    """The (query, positive) pairs of one epoch, in training order.
+
+    ``pairs``: every pair once. ``queries``: every query once, with one of its positives
+    drawn by a generator seeded with (seed, epoch): an epoch costs as many steps per query
+    whatever the number of positives per query, and over epochs every positive is seen.
+    """
+    if sampling == "queries":
+        by_query: dict[str, list[str]] = {}
+        for q, d in pairs:  # sorted, so each list is sorted
+            by_query.setdefault(q, []).append(d)
+        rng = random.Random(seed * 1_000_033 + epoch)
+        items = [(q, rng.choice(docs)) for q, docs in sorted(by_query.items())]
+    elif sampling == "pairs":
+        items = pairs
+    else:
+        raise ValueError(f"unknown train.sampling {sampling!r} (pairs, queries)")
+    return [items[i] for i in epoch_order(len(items), seed, epoch)]
 
 
 def mine_hard_negatives(features: FeatureTables, qrels: dict[str, dict[str, int]], k: int,
@@ -179,7 +203,7 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
             device: torch.device | None = None):
     """Loads the data, its splits and (frozen base, or hard negatives) the cached features;
     a cold feature cache is filled by encoding on ``device`` (the GPU when there is one)."""
-    device = device or _device()
+    device = device or default_device()
     if data is None:
         data = load_beir(resolve_data_dir(cfg.data.path))
     splits = make_splits(data, train=cfg.data.train_split, dev=cfg.data.dev_split,
@@ -196,8 +220,15 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
 def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = None,
           resume_from: Path | None = None, data: BeirData | None = None,
           features: FeatureTables | None = None, progress: bool = True,
-          checkpoint_interval_s: float = 0.0) -> dict[str, Any]:
-    """Trains one model and returns ``{"history": [...], "final": {...}, "test": {...}}``.
+          checkpoint_interval_s: float = 0.0,
+          device: torch.device | str | None = None) -> dict[str, Any]:
+    """Trains one model; returns its history and the figures of its best dev epoch.
+
+    Returns:
+        ``{"history": [per-epoch metrics], "best_epoch", "best_dev_ndcg_at_10",
+        "score_with" (the best epoch's scoring: query or predictor), "end_reason",
+        "final": the best epoch's metrics (dev, and test when evaluated), "test": its
+        test metrics, "test_per_query": {"query"|"predictor": {qid: nDCG@10}}}``.
 
     Args:
         cfg: the validated run config.
@@ -207,24 +238,27 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
             checkpoint under ``out_dir`` is used if there is one.
         data, features: already loaded dataset / base features (the study shares them).
         checkpoint_interval_s: least seconds between two checkpoints besides the first and
-            last epoch's (a checkpoint of a frozen-base run is ~15 MB; a resumed run redoes
-            at most this much training, with the same results).
+            last epoch's (a checkpoint of a frozen-base run is ~30 MB with its best
+            weights; a resumed run redoes at most this much training, with the same results).
+        device: where to train (default: :func:`default_device`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
-    device = _device()
+    device = torch.device(device) if device is not None else default_device()
     seed_everything(cfg.train.seed)
 
     # -- DATA
     # features land on the device once (a few MB), not as a host copy per batch
     data, splits, features = prepare(cfg, data, features, progress and rank == 0, device)
     pairs = training_pairs(splits["train"])
+    relevant = {q: {d for d, rel in docs.items() if rel > 0} for q, docs in splits["train"].items()}
     negatives = (mine_hard_negatives(features, splits["train"], cfg.train.hard_negatives,
                                      cfg.model.similarity, **search_options(cfg))
                  if cfg.train.hard_negatives else None)
     cached = cfg.model.freeze_base
     batches = _Batches(data, features if cached else None, device)
+    n_items = len(epoch_items(pairs, cfg.train.sampling, cfg.train.seed, 1))
 
     # -- MODEL
     base = None if cached else load_base(cfg.model.base_model, cfg.model.max_seq_length,
@@ -236,6 +270,7 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
     amp = autocast_device(cfg, device)
+    select = _Selection(cfg)
 
     # -- RESUME
     found = ((resume_from, load_checkpoint(Path(resume_from))) if resume_from
@@ -246,7 +281,9 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     history: list[dict[str, Any]] = state["history"] if state else []
     if state:
         model.load_state_dict(state["model"])
+        select.load_state_dict(state.get("selection"))
         log.info("resuming from %s (epoch %d)", found[0], state["epoch"])
+    ended = bool(state and state.get("ended"))
 
     # -- PHASES
     epoch = 0
@@ -254,13 +291,15 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     saved_at = -math.inf  # monotonic time of the last checkpoint
     phases = cfg.train.resolved_phases()
     for phase_index, phase in enumerate(phases):
+        if ended:
+            break
         if state and phase_index < state["phase_index"]:
             epoch += phase.epochs
             continue
         loss_cfg = phase_loss(cfg, phase)
         criterion = JEPALoss(loss_cfg, cfg.model.similarity)
         optimizer = _optimizer(model, cfg, phase)
-        steps_per_epoch = _steps_per_epoch(len(pairs), cfg, world)
+        steps_per_epoch = _steps_per_epoch(n_items, cfg, world)
         total = steps_per_epoch * phase.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total, int(cfg.train.warmup_ratio * total)))
@@ -275,25 +314,35 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
         for epoch_in_phase in range(first, phase.epochs):
             epoch += 1
             t0 = time.perf_counter()
+            items = epoch_items(pairs, cfg.train.sampling, cfg.train.seed, epoch)
             train_parts, step = _train_epoch(
-                net, model, criterion, optimizer, scheduler, batches, pairs, negatives,
-                cfg, epoch, step, rank, world, amp, progress and rank == 0)
+                net, model, criterion, optimizer, scheduler, batches, items, relevant,
+                negatives, cfg, epoch, step, rank, world, amp, progress and rank == 0)
             metrics = {"epoch": epoch, "phase_index": phase_index, "phase": phase.name,
                        "world_size": world,
                        **{f"train_{k}": v for k, v in train_parts.items()},
                        "lr": scheduler.get_last_lr()[-1]}
-            metrics.update(_evaluate(model, batches, data, features, splits["dev"], cfg, "dev"))
+            # -- EVALUATE: dev every epoch; test only for a new best dev epoch
+            doc_emb = _embed_docs(model, batches, data, features, cfg)
+            metrics.update(_evaluate(model, batches, doc_emb, data, features, splits["dev"],
+                                     cfg, "dev", select.mode_of))
+            improved = select.update(epoch, metrics, model)
+            if improved and cfg.eval.evaluate_test:
+                test, per_query = _evaluate(model, batches, doc_emb, data, features,
+                                            splits["test"], cfg, "test",
+                                            lambda _: select.best["mode"], per_query=True)
+                metrics.update(test)
+                select.best.update(test=test, test_per_query=per_query)
+            metrics.update(select.summary())
             metrics["epoch_time_s"] = time.perf_counter() - t0
-            last_epoch = phase_index == len(phases) - 1 and epoch_in_phase == phase.epochs - 1
-            if last_epoch and cfg.eval.evaluate_test:
-                # The final report's test figures travel with the last epoch (to Tune and
-                # MLflow); the search only ever reads dev metrics.
-                metrics.update(_evaluate(model, batches, data, features, splits["test"], cfg,
-                                         "test"))
+            reason = select.end_reason(epoch, cfg)
+            ended = reason is not None
+            metrics["end_reason"] = reason or ""
+            if improved:
+                select.best["metrics"] = dict(metrics)
             history.append(metrics)
             ckpt = None
-            if (epoch == cfg.train.total_epochs
-                    or time.monotonic() - saved_at >= checkpoint_interval_s):
+            if ended or time.monotonic() - saved_at >= checkpoint_interval_s:
                 saved_at = time.monotonic()
                 ckpt = out_dir / "checkpoints" / f"epoch_{epoch:04d}"
                 if rank == 0:
@@ -301,23 +350,87 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
                         "phase_index": phase_index, "epoch_in_phase": epoch_in_phase + 1,
-                        "rng": _rng_state(), "history": history, "config": cfg.to_dict()}, cfg)
+                        "rng": _rng_state(), "history": history, "ended": ended,
+                        "selection": select.state_dict(), "config": cfg.to_dict()}, cfg)
             if callback is not None:
                 callback(dict(metrics), ckpt)
+            if ended:
+                break
 
-    # -- FINAL REPORT
-    result: dict[str, Any] = {"history": history, "final": history[-1] if history else {}}
-    if history:
-        best = max(history, key=lambda m: m["dev_ndcg_at_10"])
-        result["best_dev_ndcg_at_10"] = best["dev_ndcg_at_10"]
-        result["best_epoch"] = best["epoch"]
-    if cfg.eval.evaluate_test:
-        result["test"] = {k: v for k, v in result["final"].items() if k.startswith("test_")} \
-            or _evaluate(model, batches, data, features, splits["test"], cfg, "test")
+    # -- FINAL REPORT: the best dev epoch's figures (its weights are in the checkpoint)
+    best = select.best
+    result: dict[str, Any] = {"history": history}
+    if best is not None:
+        result.update(best_epoch=best["epoch"], best_dev_ndcg_at_10=best["value"],
+                      score_with=best["mode"], end_reason=history[-1].get("end_reason", ""),
+                      final=best["metrics"])
+        if "test" in best:
+            result.update(test=best["test"], test_per_query=best["test_per_query"])
     if rank == 0:
         cfg.to_yaml(out_dir / "config.yaml")
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+class _Selection:
+    """The run's best dev epoch: its value, scoring mode, weights and figures; patience.
+
+    The headline dev nDCG@10 of an epoch follows ``eval.score_with``; with ``auto`` it is the
+    better of the query and the predictor scoring (ties go to the query), and the run's
+    scoring is its best epoch's. A later epoch replaces the best only when strictly better.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        self.score_with = cfg.eval.score_with
+        if self.score_with == "auto" and not cfg.trains_predictor:
+            self.score_with = "query"  # an untrained predictor is no choice
+        self.best: dict[str, Any] | None = None
+
+    def mode_of(self, raw: dict[str, float]) -> str:
+        """The scoring an epoch's headline uses, given its ``query_*``/``predictor_*``."""
+        if self.score_with != "auto":
+            return self.score_with
+        return ("predictor" if raw["predictor_ndcg_at_10"] > raw["query_ndcg_at_10"]
+                else "query")
+
+    def update(self, epoch: int, metrics: dict[str, Any], model: torch.nn.Module) -> bool:
+        """Takes ``epoch`` as the best when its dev headline beats the best so far."""
+        value = metrics["dev_ndcg_at_10"]
+        if self.best is not None and not value > self.best["value"]:
+            return False
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.best = {"epoch": epoch, "value": value, "mode": metrics["dev_scored_with"],
+                     "model": weights}
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        """The per-epoch ``best_*`` metrics: the best epoch so far, its dev headline (the
+        objective a study ranks by), its scoring and its test figures (``best_test_*``), so
+        that a run's last report, whenever it ends, holds its final figures."""
+        b = self.best
+        return {"best_dev_ndcg_at_10": b["value"], "best_epoch": b["epoch"],
+                "best_scored_with_predictor": float(b["mode"] == "predictor"),
+                **{f"best_{k}": v for k, v in b.get("test", {}).items()
+                   if not k.endswith("_scored_with")}}
+
+    def end_reason(self, epoch: int, cfg: RunConfig) -> str | None:
+        """Why the run ends after ``epoch``, or None while it goes on."""
+        total, stop_after = cfg.train.total_epochs, cfg.train.stop_after_epoch
+        if stop_after is not None and epoch >= stop_after:
+            return f"stop_after_epoch: {stop_after}"
+        if epoch >= total:
+            return "completed"
+        patience = cfg.train.patience
+        if patience is not None and epoch - self.best["epoch"] >= patience:
+            return (f"patience: no dev improvement in {patience} epochs since the best, "
+                    f"epoch {self.best['epoch']}")
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.best
+
+    def load_state_dict(self, best: dict[str, Any] | None) -> None:
+        self.best = best
 
 
 def _optimizer(model: JEPAModel, cfg: RunConfig, phase: PhaseConfig) -> torch.optim.Optimizer:
@@ -371,16 +484,19 @@ def autocast_device(cfg: RunConfig, device: torch.device) -> str | None:
     return None
 
 
-def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, negatives,
-                 cfg, epoch, step, rank, world, amp, progress):
-    """One pass over this rank's share of the pairs; returns mean loss parts and the step.
+def _train_epoch(net, model, criterion, optimizer, scheduler, batches, items, relevant,
+                 negatives, cfg, epoch, step, rank, world, amp, progress):
+    """One pass over this rank's share of the epoch's items; returns mean loss parts and
+    the step.
 
-    ``amp`` is the device type whose bf16 autocast wraps the forward (None: fp32); the loss
-    is computed outside it, in fp32, from the outputs cast back.
+    ``items`` are the epoch's (query, positive) pairs in order (:func:`epoch_items`);
+    ``relevant`` maps a train query to every positive of it (never a negative in the
+    contrastive term). ``amp`` is the device type whose bf16 autocast wraps the forward
+    (None: fp32); the loss is computed outside it, in fp32, from the outputs cast back.
     """
-    order = epoch_order(len(pairs), cfg.train.seed, epoch)[rank::world]
+    mine = items[rank::world]
     bs = cfg.train.batch_size
-    n_steps = _steps_per_epoch(len(pairs), cfg, world)
+    n_steps = _steps_per_epoch(len(items), cfg, world)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sums: dict[str, float] = {}
     rng = random.Random(cfg.train.seed * 7919 + epoch)
@@ -390,7 +506,7 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
         from tqdm.auto import tqdm
         iterator = tqdm(iterator, desc=f"epoch {epoch}", leave=False)
     for i in iterator:
-        chunk = [pairs[j] for j in order[i * bs:(i + 1) * bs]]
+        chunk = mine[i * bs:(i + 1) * bs]
         qids, dids = [c[0] for c in chunk], [c[1] for c in chunk]
         neg_inputs = neg_ids = None
         if negatives is not None:
@@ -402,7 +518,8 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
         total, parts = criterion(out["q"].float(), out["d"].float(), out["pred_d"].float(),
                                  pred_q=out["pred_q"].float() if "pred_q" in out else None,
                                  hard_neg=out["neg"].float() if "neg" in out else None,
-                                 doc_ids=dids, hard_neg_ids=neg_ids, step=step)
+                                 doc_ids=dids, hard_neg_ids=neg_ids,
+                                 positives=[relevant[q] for q in qids], step=step)
         # One device-to-host copy per step (on CUDA, the step's only sync): the divergence
         # flag, summed over ranks so that every rank stops together (or the others hang at
         # the next collective), and this rank's loss parts.
@@ -427,35 +544,57 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, pairs, ne
     return {("loss" if k == "total" else k): v / n_steps for k, v in sums.items()}, step
 
 
-def _evaluate(model, batches, data, features, qrels, cfg, split: str) -> dict[str, float]:
-    """Scores one split; the headline ``<split>_<metric>`` follows ``eval.score_with``."""
+def _embed_docs(model, batches, data, features, cfg) -> torch.Tensor:
+    """The whole corpus in the joint space, once per evaluation (dev and test share it)."""
     doc_ids = features.doc_ids if features is not None else data.doc_ids
     was = model.training
     model.eval()
-    doc_emb = embed_corpus(model, batches.docs(doc_ids), cfg.eval.batch_size)
-    model.train(was)
+    try:
+        return embed_corpus(model, batches.docs(doc_ids), cfg.eval.batch_size)
+    finally:
+        model.train(was)
+
+
+def _evaluate(model, batches, doc_emb, data, features, qrels, cfg, split: str, mode_of,
+              per_query: bool = False):
+    """Scores one split both ways; the headline ``<split>_<metric>`` is ``mode_of(raw)``'s.
+
+    ``<split>_scored_with`` names the headline's scoring. Dev rows carry the collapse
+    diagnostics; test rows only the split's figures. With ``per_query``, returns
+    ``(metrics, {scoring: {qid: nDCG@10}})``.
+    """
+    doc_ids = features.doc_ids if features is not None else data.doc_ids
     qids = sorted(qrels)
     dev = split == "dev"  # diagnostics are per-epoch dev figures; test rows stay lean
-    raw = evaluate_model(model, query_ids=qids, query_inputs=batches.queries(qids),
-                         doc_ids=doc_ids, doc_emb=doc_emb, qrels=qrels,
-                         similarity=cfg.model.similarity, batch_size=cfg.eval.batch_size,
-                         diagnostics=dev, **search_options(cfg))
+    raw, by_query = evaluate_model_per_query(
+        model, query_ids=qids, query_inputs=batches.queries(qids), doc_ids=doc_ids,
+        doc_emb=doc_emb, qrels=qrels, similarity=cfg.model.similarity,
+        batch_size=cfg.eval.batch_size, diagnostics=dev, **search_options(cfg))
     out = {f"{split}_{k}" if k.startswith(("query_", "predictor_")) else k: v
            for k, v in raw.items()}
-    for name in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
-        out[f"{split}_{name}"] = raw[f"{cfg.eval.score_with}_{name}"]
-    return out if dev else {k: v for k, v in out.items() if k.startswith(split)}
+    mode = mode_of(raw)
+    for name in METRIC_NAMES:
+        out[f"{split}_{name}"] = raw[f"{mode}_{name}"]
+    out[f"{split}_scored_with"] = mode
+    if not dev:
+        out = {k: v for k, v in out.items() if k.startswith(split)}
+    return (out, by_query) if per_query else out
 
 
 def zero_shot(cfg: RunConfig, split: str = "test", data: BeirData | None = None,
-              features: FeatureTables | None = None) -> dict[str, float]:
-    """The base encoder alone (cosine on its pooled output): every result's reference row."""
+              features: FeatureTables | None = None, per_query: bool = False):
+    """The base encoder alone (cosine on its pooled output): every result's reference row.
+
+    Returns the mean metrics, or with ``per_query`` ``(means, {qid: nDCG@10})``.
+    """
     data, splits, features = prepare(cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"freeze_base": True})}), data, features)
     qrels = splits[split]
     qids = sorted(qrels)
-    return retrieval_metrics(qids, features.queries(qids), features.doc_ids,
-                             features.doc_features, qrels, "cosine", **search_options(cfg))
+    scored = retrieval_per_query(qids, features.queries(qids), features.doc_ids,
+                                 features.doc_features, qrels, "cosine", **search_options(cfg))
+    means = mean_metrics(scored)
+    return (means, scored["ndcg_at_10"]) if per_query else means
 
 
 def _rng_state() -> dict[str, Any]:

@@ -11,6 +11,11 @@ Variants (``ModelConfig.variant``):
   when the base is trained; a frozen base is identical on both sides, so it is shared).
 * ``bidirectional``: shared encoder, and two predictors: q->d and d->q.
 
+``query_head`` adds an MLP of the predictor's shape after the query projection, part of the
+query encoder: with lambda_pred 0 it is the capacity-matched control of a model that scores
+with its predictor (the same extra query-side layers, trained contrastively instead of by
+prediction).
+
 The model accepts either texts (the base runs) or precomputed base features (a frozen base
 whose outputs are cached on disk, see ``cache.py``): then only the small heads run.
 """
@@ -133,6 +138,8 @@ class JEPAModel(nn.Module):
         self.proj_q = Projection(dim, cfg.output_dim, cfg.projection, cfg.predictor.dropout)
         self.proj_d = (copy.deepcopy(self.proj_q) if cfg.variant == "asymmetric"
                        else self.proj_q)
+        # The capacity-matched control: the predictor's shape on the query side only.
+        self.query_head = Predictor(cfg.output_dim, cfg.predictor) if cfg.query_head else None
         self.predictor = Predictor(cfg.output_dim, cfg.predictor)
         self.predictor_dq = (Predictor(cfg.output_dim, cfg.predictor)
                              if cfg.variant == "bidirectional" else None)
@@ -143,7 +150,7 @@ class JEPAModel(nn.Module):
         return _unique(m for m in (self.base_q, self.base_d) if m is not None)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
-        return _unique([self.proj_q, self.proj_d])
+        return _unique(m for m in (self.proj_q, self.proj_d, self.query_head) if m is not None)
 
     def predictor_parameters(self) -> list[nn.Parameter]:
         return _unique(m for m in (self.predictor, self.predictor_dq) if m is not None)
@@ -163,7 +170,8 @@ class JEPAModel(nn.Module):
             return base(feats)["sentence_embedding"]
 
     def encode_queries(self, x: Inputs) -> torch.Tensor:
-        return self.proj_q(self._features(self.base_q, x))
+        z = self.proj_q(self._features(self.base_q, x))
+        return z if self.query_head is None else self.query_head(z)
 
     def encode_docs(self, x: Inputs) -> torch.Tensor:
         return self.proj_d(self._features(self.base_d, x))
