@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from trainables.config import LossConfig
+from trainables.config import ConfigError, LossConfig, RunConfig
 from trainables.losses import (
     CovarianceIsotropyLoss,
     EmbeddingRegLoss,
@@ -134,6 +134,31 @@ def test_infonce_masks_hard_negative_equal_to_positive() -> None:
     assert masked == pytest.approx((row0_masked + row1) / 2, rel=1e-5)
 
 
+def test_infonce_masks_other_positives_of_the_same_query() -> None:
+    # Rows 0 and 1 are one query with two relevant documents "a" and "b" (SciFact claims have
+    # several): each row's other positive is not a negative; row 2's query is unrelated.
+    e = torch.eye(3)
+    q = torch.stack([e[0], e[0], e[2]])
+    d = torch.stack([e[0], 0.9 * e[0] + 0.1 * e[1], e[2]])
+    loss = InfoNCELoss(1.0)
+    ids = ["a", "b", "c"]
+    plain = loss(q, d, doc_ids=ids).item()
+    masked = loss(q, d, doc_ids=ids, positives=[{"a", "b"}, {"a", "b"}, {"c"}]).item()
+    scores = torch.nn.functional.normalize(d, dim=-1)
+    s = (torch.nn.functional.normalize(q, dim=-1) @ scores.T).tolist()
+    row = [math.log(sum(math.exp(x) for j, x in enumerate(s[i]) if keep(i, j))) - s[i][i]
+           for i, keep in ((0, lambda i, j: j != 1), (1, lambda i, j: j != 0),
+                           (2, lambda i, j: True))]
+    assert masked == pytest.approx(sum(row) / 3, rel=1e-5)
+    assert masked < plain  # the twin positives no longer push each other away
+    # a hard negative that is relevant to the row's query is masked too
+    hard = torch.stack([d[1], e[1], e[1]])
+    kept = loss(q, d, hard_neg=hard, doc_ids=ids, hard_neg_ids=["b", "x", "x"]).item()
+    masked_hard = loss(q, d, hard_neg=hard, doc_ids=ids, hard_neg_ids=["b", "x", "x"],
+                       positives=[{"a", "b"}, {"a", "b"}, {"c"}]).item()
+    assert masked_hard < kept
+
+
 def test_infonce_properties() -> None:
     torch.manual_seed(0)
     q = torch.randn(8, 16, requires_grad=True)
@@ -198,6 +223,17 @@ def test_margin_masks_duplicate_positives() -> None:
     assert loss(q, d, doc_ids=["a", "a", "b"]).item() == pytest.approx(0.0)
 
 
+def test_margin_skips_other_positives_of_the_same_query() -> None:
+    q = torch.stack([E1, E1, E2])
+    d = torch.stack([E1, 0.99 * E1 + 0.01 * E2, E2])
+    loss = MarginLoss(0.5)
+    # without positives, row 0's hardest negative is "b" (its own query's other positive)
+    assert loss(q, d, doc_ids=["a", "b", "c"]).item() > 0.3
+    # with them, rows 0 and 1 only have "c" (score 0) left: relu(0.5 - 1 + 0) = 0
+    assert loss(q, d, doc_ids=["a", "b", "c"],
+                positives=[{"a", "b"}, {"a", "b"}, {"c"}]).item() == pytest.approx(0.0)
+
+
 def test_margin_properties() -> None:
     torch.manual_seed(0)
     q = torch.randn(8, 16, requires_grad=True)
@@ -215,12 +251,35 @@ def test_covariance_isotropy_closed_form() -> None:
     # Cov = [[2, 0], [0, 0]]; mean var 1; ||diag(1, -1)||_F / 2
     assert loss(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])).item() == pytest.approx(
         math.sqrt(2) / 2)
-    # Cov = [[2, 2], [2, 2]]; ||[[0, 2], [2, 0]]||_F / 2
-    assert loss(torch.tensor([[1.0, 1.0], [-1.0, -1.0]])).item() == pytest.approx(math.sqrt(2))
+    # Cov = [[2, 2], [2, 2]]; mean var 2; ||[[0, 1], [1, 0]]||_F / 2
+    assert loss(torch.tensor([[1.0, 1.0], [-1.0, -1.0]])).item() == pytest.approx(
+        math.sqrt(2) / 2)
     # Cov = 2/3 I: isotropic, at any scale
     iso = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     assert loss(iso).item() == pytest.approx(0.0, abs=1e-7)
     assert loss(5 * iso).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_covariance_isotropy_is_scale_free() -> None:
+    torch.manual_seed(0)
+    loss = CovarianceIsotropyLoss()
+    n, dim = 4096, 32
+    # isotropic Gaussian samples of any scale score ~0: only sampling noise, about
+    # sqrt(D (D + 1) / N) / D
+    noise = math.sqrt(dim * (dim + 1) / n) / dim
+    gauss = torch.randn(n, dim)
+    for scale in (1e-3, 1.0, 1e3):
+        assert loss(scale * gauss).item() < 1.5 * noise
+    # shrinking (or growing) embeddings leaves the penalty as it is: no pull towards a
+    # collapse in scale, as the unnormalised ||Cov - s I||_F / D (quadratic in scale) has
+    aniso = gauss * torch.linspace(0.1, 3.0, dim)
+    base = loss(aniso).item()
+    assert base > 5 * noise
+    for scale in (1e-2, 0.5, 10.0):
+        assert loss(scale * aniso).item() == pytest.approx(base, rel=1e-4)
+    # a collapse onto one direction scores ~1
+    line = torch.randn(n, 1) * torch.ones(1, dim)
+    assert loss(line).item() == pytest.approx(1.0, abs=0.05)
 
 
 def test_covariance_isotropy_needs_two_rows() -> None:
@@ -239,6 +298,14 @@ def test_sigreg_matches_symmetric_trapezoid_in_1d() -> None:
     for x in (torch.randn(64), torch.zeros(8), 2.0 * torch.randn(32) + 0.5):
         expected = _reference_epps_pulley(x)
         assert loss(x[:, None]).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("points", [2, 16, 18])
+def test_sigreg_needs_an_odd_number_of_points(points: int) -> None:
+    with pytest.raises(ValueError, match="odd"):
+        SIGRegLoss(num_points=points)
+    with pytest.raises(ConfigError, match="sigreg_points"):
+        RunConfig.from_dict({"loss": {"sigreg_points": points}})
 
 
 def test_sigreg_weights_are_official_buffers() -> None:

@@ -9,7 +9,7 @@ characteristic function are not safe with an 8-bit mantissa).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
 import torch
@@ -66,24 +66,27 @@ def _false_negative_mask(
     batch: int,
     num_hard: int,
     device: torch.device,
+    positives: Sequence[Collection[Any]] | None = None,
 ) -> Tensor | None:
-    """``[B, B + H]`` mask of candidates that are row ``i``'s own positive under another name.
+    """``[B, B + H]`` mask of the candidates that are relevant to row ``i``'s query.
 
-    In-batch column ``j != i`` is masked when ``doc_ids[j] == doc_ids[i]`` (a document that is
-    the positive of two queries is a negative of neither); hard negative column ``k`` when
-    ``hard_neg_ids[k] == doc_ids[i]``. None without ``doc_ids``.
+    ``positives[i]`` is every document judged relevant to row ``i``'s query (its own positive
+    among them); without it, row ``i``'s own positive id only. In-batch column ``j != i`` is
+    masked when ``doc_ids[j]`` is in that set (another positive of the same query, or the same
+    document twice), hard negative column ``k`` when ``hard_neg_ids[k]`` is. None without
+    ``doc_ids``.
     """
     if doc_ids is None:
         return None
-    if len(doc_ids) != batch or (hard_neg_ids is not None and len(hard_neg_ids) != num_hard):
-        raise ValueError(f"doc_ids/hard_neg_ids lengths do not match {batch} rows and "
-                         f"{num_hard} hard negatives")
-    codes: dict[Any, int] = {}  # ids (any hashable) -> ints, to compare as one tensor op
-    pos = torch.tensor([codes.setdefault(x, len(codes)) for x in doc_ids], device=device)
-    neg_codes = ([-1] * num_hard if hard_neg_ids is None
-                 else [codes.get(x, -1) for x in hard_neg_ids])
-    neg = torch.tensor(neg_codes, dtype=torch.long, device=device)
-    mask = pos[:, None] == torch.cat([pos, neg])[None, :]
+    if (len(doc_ids) != batch or (hard_neg_ids is not None and len(hard_neg_ids) != num_hard)
+            or (positives is not None and len(positives) != batch)):
+        raise ValueError(f"doc_ids/hard_neg_ids/positives lengths do not match {batch} rows "
+                         f"and {num_hard} hard negatives")
+    columns = list(doc_ids) + (list(hard_neg_ids) if hard_neg_ids is not None
+                               else [None] * num_hard)
+    relevant = positives if positives is not None else [{d} for d in doc_ids]
+    rows = [[c is not None and c in rel for c in columns] for rel in relevant]
+    mask = torch.tensor(rows, dtype=torch.bool, device=device).reshape(batch, len(columns))
     mask[:, :batch].fill_diagonal_(False)
     return mask
 
@@ -124,9 +127,10 @@ class InfoNCELoss(nn.Module):
 
     Row ``i`` scores query ``q_i`` against every document of the batch plus every hard
     negative (appended columns); the target is column ``i``. Scores are ``cos/T`` or
-    ``-L2/T``. At chance the loss is ``log(B + H)``. Documents that are the positive of another
-    row *and* have the same id as row ``i``'s positive are masked out (``-inf``): a batch that
-    holds one document twice must not teach the model to push it away from its own query.
+    ``-L2/T``. At chance the loss is ``log(B + H)``. Candidates relevant to row ``i``'s query
+    other than its target (another positive of the same query, e.g. SciFact claims with
+    several supporting abstracts; or the same document twice) are masked out (``-inf``): the
+    model must not learn to push a query away from its own relevant documents.
 
     Example:
         >>> q = torch.eye(2); loss = InfoNCELoss(temperature=0.05)
@@ -149,6 +153,7 @@ class InfoNCELoss(nn.Module):
         hard_neg: Tensor | None = None,
         doc_ids: Sequence[Any] | None = None,
         hard_neg_ids: Sequence[Any] | None = None,
+        positives: Sequence[Collection[Any]] | None = None,
     ) -> Tensor:
         """Scalar mean cross-entropy of each query over its candidates, target the positive.
 
@@ -156,15 +161,17 @@ class InfoNCELoss(nn.Module):
             q: ``[B, D]`` query embeddings.
             d: ``[B, D]`` positive document embeddings (row ``i`` is the positive of query i).
             hard_neg: ``[H, D]`` extra negatives shared by all rows (usually ``H = B``).
-            doc_ids: ids of the ``B`` positives; equal ids are masked as described above.
-            hard_neg_ids: ids of the hard negatives; one equal to row ``i``'s positive id is
-                masked for row ``i``. Used only with ``doc_ids``.
+            doc_ids: ids of the ``B`` positives; a candidate with row ``i``'s positive id is
+                masked for row ``i``.
+            hard_neg_ids: ids of the hard negatives. Used only with ``doc_ids``.
+            positives: per row, every document id relevant to its query; candidates among
+                them are masked (other than row ``i``'s target). Used only with ``doc_ids``.
         """
         q, d = _upcast(q), _upcast(d)
         cands = d if hard_neg is None else torch.cat([d, _upcast(hard_neg)], dim=0)
         scores = pairwise_scores(q, cands, self.similarity) / self.temperature
         mask = _false_negative_mask(doc_ids, hard_neg_ids, q.size(0), cands.size(0) - d.size(0),
-                                    q.device)
+                                    q.device, positives)
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
         target = torch.arange(q.size(0), device=q.device)
@@ -180,8 +187,9 @@ class MarginLoss(nn.Module):
     ``s`` is cosine similarity or negative Euclidean distance (the latter is ragcun's
     ``relu(‖q-p‖ - ‖q-n‖ + margin)``). The negative ``n`` of row ``i`` is its hard negative
     when one is given, else the hardest in-batch negative: the other document with the highest
-    score, skipping documents whose id equals row ``i``'s positive id. A row with no usable
-    negative (batch of one, or every other document a duplicate) contributes 0.
+    score, skipping documents relevant to row ``i``'s query (its positive's id, or any id in
+    ``positives[i]``). A row with no usable negative (batch of one, or every other document
+    relevant) contributes 0.
     """
 
     def __init__(self, margin: float = 1.0, similarity: Similarity = "cosine") -> None:
@@ -196,6 +204,7 @@ class MarginLoss(nn.Module):
         d: Tensor,
         hard_neg: Tensor | None = None,
         doc_ids: Sequence[Any] | None = None,
+        positives: Sequence[Collection[Any]] | None = None,
     ) -> Tensor:
         """Scalar mean hinge on the score gap between each query's positive and negative.
 
@@ -204,6 +213,8 @@ class MarginLoss(nn.Module):
             d: ``[B, D]`` positive document embeddings.
             hard_neg: ``[B, D]``: row ``i`` is the negative of query ``i``.
             doc_ids: ids of the ``B`` positives, for the in-batch search only.
+            positives: per row, every document id relevant to its query (skipped by the
+                in-batch search).
         """
         q, d = _upcast(q), _upcast(d)
         pos = _rowwise_scores(q, d, self.similarity)
@@ -214,7 +225,7 @@ class MarginLoss(nn.Module):
             return F.relu(self.margin - pos + neg).mean()
         scores = pairwise_scores(q, d, self.similarity)
         mask = torch.eye(q.size(0), dtype=torch.bool, device=q.device)
-        dup = _false_negative_mask(doc_ids, None, q.size(0), 0, q.device)
+        dup = _false_negative_mask(doc_ids, None, q.size(0), 0, q.device, positives)
         if dup is not None:
             mask = mask | dup
         neg = scores.masked_fill(mask, float("-inf")).max(dim=1).values
@@ -227,17 +238,20 @@ class MarginLoss(nn.Module):
 
 
 class CovarianceIsotropyLoss(nn.Module):
-    """ragcun's isotropy penalty: ``‖Cov(z) - mean(diag Cov(z))·I‖_F / D``.
+    """Scale-free isotropy penalty: ``‖Cov(z) / σ̄² - I‖_F / D`` with ``σ̄² = mean(diag Cov)``.
 
-    Zero exactly when the covariance is a multiple of the identity (any scale: the scale is
-    left to the regulariser), positive for correlated or unequal-variance dimensions.
-    ``Cov`` is the unbiased sample covariance (divisor ``N - 1``). ragcun uses the variance of
-    all elements as the scalar; the mean of the diagonal is the scalar closest to ``Cov`` in
-    Frobenius norm and does not count differences between dimension means as variance.
+    ragcun's penalty is ``‖Cov(z) - σ̄²·I‖_F / D``, which is quadratic in the embeddings'
+    scale: shrinking them lowers it without making them any more isotropic, so it pulls
+    towards collapse in scale. Dividing by the mean variance makes it a function of the
+    covariance's shape only: the same for ``z`` and ``c·z``, about ``1/sqrt(N)`` for
+    isotropic samples of any scale (sampling noise), and about 1 for a collapse onto one
+    direction. The scale is left to the regulariser. ``Cov`` is the unbiased sample
+    covariance (divisor ``N - 1``); ``σ̄²`` is the mean of its diagonal (the multiple of I
+    closest to it in Frobenius norm).
     """
 
     def forward(self, z: Tensor) -> Tensor:
-        """Scalar distance of the sample covariance of ``z`` from its nearest multiple of I.
+        """Scalar distance of the sample covariance's shape of ``z`` from the identity's.
 
         Args:
             z: ``[N, D]`` embeddings, ``N >= 2``.
@@ -248,9 +262,9 @@ class CovarianceIsotropyLoss(nn.Module):
             z = _upcast(z)
             centered = z - z.mean(dim=0, keepdim=True)
             cov = centered.T @ centered / (z.size(0) - 1)
-            scalar = torch.diagonal(cov).mean()
+            scalar = torch.diagonal(cov).mean().clamp_min(1e-12)
             eye = torch.eye(cov.size(0), dtype=cov.dtype, device=cov.device)
-            return torch.linalg.matrix_norm(cov - scalar * eye, ord="fro") / cov.size(0)
+            return torch.linalg.matrix_norm(cov / scalar - eye, ord="fro") / cov.size(0)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {}
@@ -287,9 +301,9 @@ class SIGRegLoss(nn.Module):
         self, num_slices: int = 256, num_points: int = 17, t_max: float = 3.0, seed: int = 0
     ) -> None:
         super().__init__()
-        if num_slices < 1 or num_points < 2 or t_max <= 0:
-            raise ValueError(f"bad SIGReg settings: num_slices={num_slices}, "
-                             f"num_points={num_points}, t_max={t_max}")
+        if num_slices < 1 or num_points < 3 or num_points % 2 == 0 or t_max <= 0:
+            raise ValueError(f"bad SIGReg settings: num_slices={num_slices} (>= 1), "
+                             f"num_points={num_points} (odd, >= 3), t_max={t_max} (> 0)")
         self.num_slices = num_slices
         self.num_points = num_points
         self.t_max = t_max
@@ -427,6 +441,7 @@ class JEPALoss(nn.Module):
         hard_neg: Tensor | None = None,
         doc_ids: Sequence[Any] | None = None,
         hard_neg_ids: Sequence[Any] | None = None,
+        positives: Sequence[Collection[Any]] | None = None,
         step: int = 0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the enabled terms, and every term for logging.
@@ -438,8 +453,9 @@ class JEPALoss(nn.Module):
             pred_q: ``[B, D]`` reverse predictor output for ``q`` (bidirectional variant).
             hard_neg: ``[B, D]`` hard negative embeddings, one per query.
             doc_ids: ids of the positives (masks duplicate positives in the contrastive term).
-            hard_neg_ids: ids of the hard negatives (InfoNCE masks one that is another
-                row's positive).
+            hard_neg_ids: ids of the hard negatives (InfoNCE masks one relevant to the row).
+            positives: per row, every document id relevant to its query: the contrastive
+                term never treats them as negatives.
             step: global step (seeds SIGReg's directions).
 
         Returns:
@@ -454,7 +470,7 @@ class JEPALoss(nn.Module):
                 terms["pred"] = 0.5 * (terms["pred"] + self.pred_loss(pred_q, q, cfg.stopgrad))
         if cfg.lambda_con > 0:
             extra = {"hard_neg_ids": hard_neg_ids} if isinstance(self.con_loss, InfoNCELoss) else {}
-            terms["con"] = self.con_loss(q, d, hard_neg, doc_ids, **extra)
+            terms["con"] = self.con_loss(q, d, hard_neg, doc_ids, positives=positives, **extra)
         both = torch.cat([q, d], dim=0) if cfg.lambda_iso > 0 or cfg.lambda_reg > 0 else None
         if cfg.lambda_iso > 0:
             terms["iso"] = (self.iso_loss(both, step) if isinstance(self.iso_loss, SIGRegLoss)
