@@ -11,12 +11,19 @@ start point) raises ``SpaceError`` naming the file and the field, at load time.
 Optuna parameter names are the dotted config paths; a ``zero: true`` parameter adds a
 categorical switch ``"<path>:on"`` (``[true, false]``), and its value is only suggested when
 the switch is on (off means 0). ``resolve`` maps such a parameter dict back to config overrides.
+
+One config field may be searched over different ranges under different conditions: name
+each alternative ``<path>@<label>`` with its own ``when`` (e.g. ``loss.lambda_iso@sigreg``
+when ``loss.isotropy`` is ``sigreg``: SIGReg's scale is not the covariance penalty's). At
+most one alternative of a field may be active in any trial (checked at load time); Optuna
+sees each alternative as a parameter of its own, since their distributions differ.
 """
 
 from __future__ import annotations
 
 import copy
 import random
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Union
 
@@ -33,6 +40,7 @@ if TYPE_CHECKING:  # heavy imports stay out of `import search_spaces`
 SPACES_DIR = Path(__file__).resolve().parent
 PRESETS_DIR = SPACES_DIR / "presets"
 SWITCH = ":on"
+ALTERNATIVE = "@"
 _MAX_CORNERS = 4096  # combinations checked exhaustively; above this, a seeded sample
 _MISSING = object()
 
@@ -204,18 +212,18 @@ class SpaceSpec(_Strict):
             raise self._fail("parameters", f"unknown parameter(s) {unknown} (expected some "
                              f"of {sorted(known)})")
         out: dict[str, Any] = {}
-        for path, spec in self.parameters.items():
-            switch = params.get(path + SWITCH)
-            if path in params:
+        for name, spec in self.parameters.items():
+            switch = params.get(name + SWITCH)
+            if name in params:
                 if switch is False:
-                    raise self._fail(f"parameters.{path}", "value given while its switch "
+                    raise self._fail(f"parameters.{name}", "value given while its switch "
                                      "is off")
-                value = params[path]
-                out[path] = float(value) if spec.type == "float" else value
+                value = params[name]
+                out[config_path(name)] = float(value) if spec.type == "float" else value
             elif switch is not None:
                 if switch:
-                    raise self._fail(f"parameters.{path}", "switch on but no value given")
-                out[path] = 0.0 if spec.type == "float" else 0
+                    raise self._fail(f"parameters.{name}", "switch on but no value given")
+                out[config_path(name)] = 0.0 if spec.type == "float" else 0
         return out
 
     def trial_config(self, params: dict[str, Any]) -> RunConfig:
@@ -300,8 +308,8 @@ class SpaceSpec(_Strict):
         flat = flatten(config)
         want = {}
         for path, spec in self.parameters.items():
-            if path in flat:
-                value = flat[path]
+            if config_path(path) in flat:
+                value = flat[config_path(path)]
                 zero_off = getattr(spec, "zero", False) and value == 0
                 want[path] = value if zero_off or spec.type == "categorical" \
                     else _clip(value, spec)
@@ -320,7 +328,9 @@ class SpaceSpec(_Strict):
             if item not in shipped_presets():
                 raise self._fail(where, f"unknown preset {item!r} (valid: "
                                  f"{sorted(shipped_presets())})")
-            want = {k: v for k, v in flatten(load_preset(item)).items() if k in self.parameters}
+            preset = flatten(load_preset(item))
+            want = {k: preset[config_path(k)] for k in self.parameters
+                    if config_path(k) in preset}
             note, strict = f" (from preset {item})", False
         else:
             want, note = dict(item), ""
@@ -342,8 +352,8 @@ class SpaceSpec(_Strict):
                                      f"searched range {_describe(spec)}")
                 return float(want[path]) if spec.type == "float" else want[path]
             if spec is None:
-                return fill[path] not in (0, None, False)
-            return _clip(fill[path], spec)
+                return fill[config_path(path)] not in (0, None, False)
+            return _clip(fill[config_path(path)], spec)
 
         params = self._walk(pick)
         if strict and set(want) - used:
@@ -351,6 +361,12 @@ class SpaceSpec(_Strict):
             raise self._fail(f"{where}.{key}", "fixed but never suggested: its `when` "
                              f"condition {self.parameters[key].when} does not hold")
         return params
+
+
+def config_path(name: str) -> str:
+    """The config field a parameter searches: ``loss.lambda_iso@sigreg`` -> ``loss.lambda_iso``
+    (a switch's name ``<name>:on`` gives its parameter's field too)."""
+    return name.removesuffix(SWITCH).split(ALTERNATIVE, 1)[0]
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -419,10 +435,14 @@ def _check_meaning(sp: SpaceSpec) -> None:
         raise fail("parameters", "empty: nothing to search")
     leaves = flatten(base.to_dict())
     seen: dict[str, Any] = {}  # Optuna names defined so far -> spec (None for a switch)
-    for path, spec in sp.parameters.items():
-        field = f"parameters.{path}"
+    for name, spec in sp.parameters.items():
+        field = f"parameters.{name}"
+        path = config_path(name)
         if path not in leaves or isinstance(leaves[path], dict):
             raise fail(field, "unknown config field")
+        label = name[len(path) + 1:]
+        if ALTERNATIVE in name and not re.fullmatch(r"[A-Za-z0-9_]+", label):
+            raise fail(field, f"alternative label {label!r}: letters, digits and _ only")
         if spec.type == "categorical":
             values = {f"choices[{i}]": c for i, c in enumerate(spec.choices)}
             if len({repr(c) for c in spec.choices}) < len(spec.choices):
@@ -455,9 +475,9 @@ def _check_meaning(sp: SpaceSpec) -> None:
                 if not ok:
                     raise fail(f"{field}.when.{key}", f"{w!r} is not among its values "
                                f"({'[True, False]' if cond is None else _describe(cond)})")
-        seen[path] = spec
+        seen[name] = spec
         if getattr(spec, "zero", False):
-            seen[path + SWITCH] = None
+            seen[name + SWITCH] = None
     group = sp.at_least_one_on
     if group:
         order = list(sp.parameters)
@@ -472,6 +492,11 @@ def _check_meaning(sp: SpaceSpec) -> None:
             raise fail("at_least_one_on", f"the last one listed ({group[-1]}) is forced on "
                        "when the others are off, so it must come after them in `parameters`")
     for params in corners(sp):
+        active = [config_path(k) for k in params if not k.endswith(SWITCH)]
+        twice = sorted({p for p in active if active.count(p) > 1})
+        if twice:
+            raise fail("parameters", f"{twice[0]} is searched twice in one trial (its "
+                       f"alternatives' `when` conditions overlap): trials like {params}")
         try:
             base.with_overrides(sp.resolve(params), "trial")
         except ConfigError as exc:

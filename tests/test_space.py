@@ -13,9 +13,9 @@ import optuna
 import pytest
 import yaml
 
-from search_spaces.space import (SWITCH, SpaceError, SpaceSpec, load_preset, load_space,
-                                 preset_path, shipped_presets, shipped_spaces)
-from trainables.config import RunConfig
+from search_spaces.space import (SWITCH, SpaceError, SpaceSpec, config_path, load_preset,
+                                 load_space, preset_path, shipped_presets, shipped_spaces)
+from trainables.config import RunConfig, flatten
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -85,14 +85,61 @@ def test_shipped_spaces_and_presets_load():
 def test_shipped_space_settings():
     quick = load_space("quick")
     cfg = quick.base_config()
-    assert (cfg.train.epochs, cfg.train.batch_size, quick.num_samples) == (5, 64, 8)
-    assert quick.scheduler.kind == "asha" and quick.scheduler.grace_period == 2
-    assert any(p.get(f"loss.lambda_con{SWITCH}") for p in quick.points())
+    assert (cfg.train.epochs, cfg.train.patience, quick.num_samples) == (40, 6, 24)
+    assert cfg.eval.score_with == "auto" and quick.metric == "best_dev_ndcg_at_10"
+    assert quick.scheduler.kind == "asha" and quick.scheduler.grace_period == 4
     core = load_space("jepa_core")
-    assert core.num_samples == 32 and core.scheduler.kind == "asha"
-    assert core.parameters["model.predictor.depth"].high == 6
-    assert all(core.parameters[f"loss.{n}"].zero for n in LAMBDAS)
+    core_cfg = core.base_config()
+    assert core.num_samples == 64 and core.scheduler.kind == "asha"
+    assert (core_cfg.train.epochs, core_cfg.train.patience) == (60, 8)
+    assert all(core.parameters[f"loss.{n}"].zero for n in ("lambda_pred", "lambda_con",
+                                                            "lambda_reg"))
     assert load_space("seed_phases").points_to_evaluate == ["minimal", "hybrid", "full"]
+
+
+KNOBS = ("learning rate", "temperature", "hard negatives", "batch size", "predictor width",
+         "variant", "projection", "isotropy form")
+
+
+@pytest.mark.parametrize("name", ["quick", "jepa_core"])
+def test_spaces_search_every_knob_the_issue_names(name):
+    """Besides the λ's, predictor depth, residual and stop-gradient: lr, temperature, hard
+    negatives, batch, predictor width, variant, projection and the isotropy form, each form
+    with a weight range of its own (SIGReg's scale is not the covariance penalty's)."""
+    spec = load_space(name)
+    fields = {config_path(n) for n in spec.parameters}
+    assert {"loss.lambda_pred", "loss.lambda_con", "loss.lambda_iso", "model.predictor.depth",
+            "model.predictor.residual", "loss.stopgrad", "train.lr", "loss.temperature",
+            "train.hard_negatives", "train.batch_size", "model.predictor.hidden_mult",
+            "model.variant", "model.projection", "loss.isotropy"} <= fields
+    cov, sig = spec.parameters["loss.lambda_iso@covariance"], spec.parameters[
+        "loss.lambda_iso@sigreg"]
+    assert cov.when == {"loss.isotropy": "covariance"} and sig.when == {
+        "loss.isotropy": "sigreg"}
+    assert sig.high <= cov.low * 100 and sig.low < cov.low  # SIGReg's weights are smaller
+
+
+def test_jepa_core_searches_or_fixes_every_knob_with_a_reason():
+    """Every field of the run config is searched in jepa_core, or set in its `base` on a line
+    that says why (a comment), except the run's name and provenance."""
+    path = shipped_spaces()["jepa_core"]
+    raw = yaml.safe_load(path.read_text())
+    spec = load_space("jepa_core")
+    searched = {config_path(n) for n in spec.parameters}
+    fixed = flatten(raw["base"])
+    leaves = set(flatten(RunConfig().to_dict())) - {"name", "data.path"}
+    leaves = {k for k in leaves if not k.startswith("provenance")}
+    missing = sorted(leaves - searched - set(fixed))
+    assert not missing, f"neither searched nor fixed in jepa_core: {missing}"
+    assert not searched & set(fixed), "searched and fixed at once"
+    lines = path.read_text().splitlines()
+    for key in fixed:
+        leaf = key.rsplit(".", 1)[-1]
+        line = next(ln for ln in lines if ln.strip().startswith(f"{leaf}:"))
+        section = key.split(".")[0]
+        section_line = next(ln for ln in lines if ln.strip().startswith(f"{section}:"))
+        assert "#" in line or "#" in section_line, f"{key} is fixed without a reason"
+    # data.path is the study's input (--data); a run's name and provenance are bookkeeping
 
 
 def test_unknown_space_and_preset():
@@ -228,7 +275,7 @@ def test_conditional_parameters_follow_their_conditions(tmp_path):
 
 
 def test_at_least_one_on_forces_the_last_switch():
-    spec = load_space("jepa_core")
+    spec = load_space("seed_phases")
     others = ["loss.lambda_pred", "loss.lambda_iso", "loss.lambda_reg"]
     forced = 0
     for params in _random_study(spec, 120):
@@ -238,24 +285,59 @@ def test_at_least_one_on_forces_the_last_switch():
         else:
             assert f"loss.lambda_con{SWITCH}" in params
         assert sum(_lambdas(spec.trial_config(params))) > 0
-        assert ("loss.stopgrad" in params) == params[f"loss.lambda_pred{SWITCH}"]
     assert forced > 0
+    core = load_space("jepa_core")  # L_pred or L_con; the predictor's knobs follow L_pred
+    for params in _random_study(core, 60):
+        pred_on = params["loss.lambda_pred" + SWITCH]
+        assert ("loss.lambda_con" + SWITCH in params) == pred_on
+        assert ("loss.stopgrad" in params) == pred_on == ("model.predictor.depth" in params)
+        cfg = core.trial_config(params)
+        assert cfg.loss.lambda_pred > 0 or cfg.loss.lambda_con > 0
 
 
-def test_resolve_maps_switches():
-    spec = load_space("quick")
-    out = spec.resolve({"loss.lambda_pred:on": False, "loss.lambda_con:on": True,
-                        "loss.lambda_con": 1, "model.predictor.residual": False})
-    assert out == {"loss.lambda_pred": 0.0, "loss.lambda_con": 1.0,
-                   "model.predictor.residual": False}
+def test_resolve_maps_switches_and_alternatives():
+    spec = load_space("jepa_core")
+    out = spec.resolve({"loss.lambda_pred:on": False, "loss.lambda_con": 1,
+                        "model.variant": "shared"})
+    assert out == {"loss.lambda_pred": 0.0, "loss.lambda_con": 1.0, "model.variant": "shared"}
     assert isinstance(out["loss.lambda_con"], float)
-    cfg = spec.trial_config({"loss.lambda_pred:on": False, "loss.lambda_con:on": False})
-    assert _lambdas(cfg) == (0.0, 0.0, 1.0, 0.0)  # λ_iso from the hybrid base
+    # an alternative (`<path>@<label>`) sets its field; its switch off sets it to 0
+    assert spec.resolve({"loss.isotropy": "sigreg", "loss.lambda_iso@sigreg:on": True,
+                         "loss.lambda_iso@sigreg": 0.01}) == {"loss.isotropy": "sigreg",
+                                                               "loss.lambda_iso": 0.01}
+    assert spec.resolve({"loss.isotropy": "covariance",
+                         "loss.lambda_iso@covariance:on": False}) == {
+        "loss.isotropy": "covariance", "loss.lambda_iso": 0.0}
+    cfg = spec.trial_config({"loss.lambda_pred:on": False, "loss.lambda_con": 0.5,
+                             "loss.isotropy": "sigreg", "loss.lambda_iso@sigreg:on": True,
+                             "loss.lambda_iso@sigreg": 0.02})
+    assert _lambdas(cfg) == (0.0, 0.5, 0.02, 0.0) and cfg.loss.isotropy == "sigreg"
     with pytest.raises(SpaceError, match="unknown parameter"):
-        spec.resolve({"loss.lambda_iso": 0.3})  # not searched in quick: another space's
+        spec.resolve({"loss.lambda_iso": 0.3})  # searched only through its alternatives
     assert spec.resolve({"data_dir": "/x", "loss.lambda_pred": 2.0}) == {"loss.lambda_pred": 2.0}
     with pytest.raises(SpaceError, match="switch on but no value"):
         spec.resolve({"loss.lambda_con:on": True})
+
+
+def test_alternatives_of_one_field_never_meet(tmp_path):
+    raw = {"name": "alt", "parameters": {
+        "loss.isotropy": {"type": "categorical", "choices": ["covariance", "sigreg"]},
+        "loss.lambda_iso@a": {"type": "float", "low": 0.1, "high": 1.0,
+                              "when": {"loss.isotropy": "covariance"}},
+        "loss.lambda_iso@b": {"type": "float", "low": 0.001, "high": 0.01,
+                              "when": {"loss.isotropy": ["covariance", "sigreg"]}}}}
+    with pytest.raises(SpaceError, match="loss.lambda_iso is searched twice"):
+        load_space(_write(tmp_path, raw))
+    raw["parameters"]["loss.lambda_iso@b"]["when"] = {"loss.isotropy": "sigreg"}
+    spec = load_space(_write(tmp_path, raw))
+    assert spec.trial_config({"loss.isotropy": "sigreg", "loss.lambda_iso@b": 0.005}
+                             ).loss.lambda_iso == 0.005
+    raw["parameters"]["loss.lambda_iso@b-c"] = raw["parameters"].pop("loss.lambda_iso@b")
+    with pytest.raises(SpaceError, match="alternative label"):
+        load_space(_write(tmp_path, raw))
+    raw["parameters"]["loss.nope@x"] = raw["parameters"].pop("loss.lambda_iso@b-c")
+    with pytest.raises(SpaceError, match="loss.nope@x: unknown config field"):
+        load_space(_write(tmp_path, raw))
 
 
 @pytest.mark.parametrize("name", ["quick", "jepa_core", "seed_phases"])
