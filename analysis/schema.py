@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 from typing import Any, Iterable
 
 # --- tags ------------------------------------------------------------------------------------
@@ -40,6 +41,9 @@ TAG_STUDY_DIR = "jepa.study_dir"  #: the study directory, on the parent run (set
 
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
+ROLE_ANSWER = "answer"  #: the parent run of a `jepa-study answer` (its report and table)
+ROLE_RETRAIN = "retrain"  #: a run the answer retrained over a fresh seed
+TAG_ANSWER_RUN = "jepa.answer_run"  #: ``<dataset>/<system>/<seed>`` of a retrained run
 
 # --- run statuses (MLflow's names) -----------------------------------------------------------
 STATUS_RUNNING = "RUNNING"
@@ -55,6 +59,8 @@ STOP_REASON_ORPHANED = "orphaned: driver ended without closing the run"
 ARTIFACT_CONFIG = "config.yaml"  #: resolved trial config, on child runs
 ARTIFACT_SPACE = "space.yaml"  #: the study's search space, on the parent run
 ARTIFACT_REPORT = "report"  #: artifact folder of the HTML report and its figures (parent run)
+ARTIFACT_ANSWER = "answer"  #: artifact folder of the answer's HTML, JSON and Markdown
+ARTIFACT_PER_QUERY = "per_query.json"  #: per-query test nDCG@10 of a retrained run
 
 # --- study directory -------------------------------------------------------------------------
 OPTUNA_DB = "optuna.db"  #: Optuna's RDB storage inside the study directory
@@ -72,6 +78,17 @@ def sqlite_path(uri: str) -> str | None:
     return None if not path or path == ":memory:" else path
 
 
+def local_artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: beside the
+    database (``<db dir>/mlartifacts/<experiment>``), not MLflow's default ``./mlruns`` in
+    whatever the working directory is. None for other stores (their server decides)."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    name = mlflow_key(experiment).replace("/", "_")
+    return (Path(db).resolve().parent / "mlartifacts" / name).as_uri()
+
+
 def experiment_name(study: str) -> str:
     """Return the default MLflow experiment name of a study (``jepa-study/<study>``)."""
     return f"{EXPERIMENT_PREFIX}{study}"
@@ -81,7 +98,8 @@ def experiment_name(study: str) -> str:
 FINAL_PREFIX = "final_"  #: prefix of metrics from the final evaluation (no step semantics)
 PARAM_SEP = "."  #: separator of flattened nested param names (``model.predictor.depth``)
 SEARCH_PREFIX = "search."  #: params holding a trial's searched values, by Optuna name
-OBJECTIVE = "dev_ndcg_at_10"  #: the default objective (headline dev nDCG@10, per epoch)
+OBJECTIVE = "dev_ndcg_at_10"  #: the headline dev nDCG@10 of each epoch (its history)
+SELECTION = "best_dev_ndcg_at_10"  #: a trial's value: its best dev epoch's headline (ranking)
 MAX_KEY_LENGTH = 250  #: MLflow's limit on metric/param/tag key length
 MAX_PARAM_VALUE_LENGTH = 6000  #: MLflow's limit on a param value
 MAX_TAG_VALUE_LENGTH = 8000  #: MLflow's limit on a tag value

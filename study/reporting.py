@@ -18,27 +18,13 @@ from study.launcher import StudyError, load_meta, optuna_url
 WARM_START_TOP = 3
 
 
-def study_report(study: str | Path, out: str | Path | None = None,
-                 paired_seeds: int = 0) -> Path:
-    """Writes ``report.html`` (and logs it with its figures on the parent MLflow run).
-
-    With ``paired_seeds`` > 0 the report answers the seed's question: the best configs with
-    λ_pred > 0 and with λ_pred = 0 are re-trained at equal budget over that many seeds and
-    compared on the test split.
-    """
+def study_report(study: str | Path, out: str | Path | None = None) -> Path:
+    """Writes ``report.html`` (and logs it with its figures on the parent MLflow run)."""
     from analysis.report import log_report, render_report
-    from analysis.runs import load_runs
 
     meta = load_meta(study)
     uri, name, study_dir = meta["mlflow_uri"], meta["name"], meta["dir"]
-    paired = None
-    if paired_seeds > 0:
-        from analysis.paired import paired_predictor_comparison, pick_pair
-
-        pair = pick_pair(load_runs(uri, name), tracking_uri=uri)
-        paired = paired_predictor_comparison(pair.on, pair.off, list(range(paired_seeds)),
-                                             study_dir / "paired")
-    report = render_report(uri, name, optuna_url(study_dir), paired)
+    report = render_report(uri, name, optuna_url(study_dir))
     path = Path(out) if out else study_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report.html, encoding="utf-8")
@@ -92,9 +78,16 @@ def ui_command(study: str | Path, host: str = "127.0.0.1", port: int = 5000) -> 
 
 
 def serve_ui(study: str | Path | None, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Starts the MLflow UI, prints its address, and runs until Ctrl-C."""
-    cmd = ui_command(study or newest_study(), host, port)
-    proc = subprocess.Popen(cmd)
+    """Starts the MLflow UI, prints its address and the study's runs page, and runs until
+    Ctrl-C or SIGTERM (then ``KeyboardInterrupt`` propagates: the command exits 130).
+
+    The server (``mlflow ui`` and the worker processes it starts) runs in a session of its
+    own, so a signal meant for this command never reaches it half-way; whatever ends this
+    function (a signal, an error, the server exiting) takes its whole process group down.
+    """
+    study_dir = study or newest_study()
+    cmd = ui_command(study_dir, host, port)
+    proc = subprocess.Popen(cmd, start_new_session=True)
     address = f"http://{host}:{port}"
     try:
         for _ in range(120):
@@ -106,8 +99,52 @@ def serve_ui(study: str | Path | None, host: str = "127.0.0.1", port: int = 5000
                     return proc.returncode or 1
                 time.sleep(0.5)
         print(f"MLflow UI: {address}  (Ctrl-C to stop)", flush=True)
+        runs = _study_runs_page(address, load_meta(study_dir)["name"])
+        if runs:
+            print(f"study runs: {runs}", flush=True)
         return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
-        return 0
+    finally:
+        _stop_process_group(proc)
+
+
+#: MLflow 3's UI shows an experiment as GenAI (traces) or model training (runs) by this URL
+#: parameter or its sidebar switch (GenAI by default), not by the experiment's kind tag
+_MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def _study_runs_page(address: str, study_name: str) -> str | None:
+    """The UI's page of the study's runs (model-training view); None when the study has no
+    experiment yet or the server does not say."""
+    import json
+    import urllib.parse
+
+    from analysis import schema as S
+
+    query = urllib.parse.urlencode({"experiment_name": S.experiment_name(study_name)})
+    try:
+        with urllib.request.urlopen(f"{address}/api/2.0/mlflow/experiments/get-by-name?{query}",
+                                    timeout=10) as resp:
+            experiment_id = json.load(resp)["experiment"]["experiment_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return f"{address}/#/experiments/{experiment_id}/runs?{_MODEL_TRAINING_VIEW}"
+
+
+def _stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to the server's process group, up to ``grace_s`` for it to shut down (its
+    main process stops and reaps its workers), then SIGKILL to whatever is left in it."""
+    import os
+    import signal
+
+    try:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    finally:  # also when a second Ctrl-C cuts the grace period short
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

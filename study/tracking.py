@@ -48,6 +48,11 @@ _SECRET_NAME = re.compile(
     r"(?i)(token|secret|passw|credential|cookie|(^|[_.\-/ ])(api_?|access_?|private_?)?keys?"
     r"($|[_.\-/ ])|(^|[_.\-/ ])auth($|[_.\-/ ]))")
 _REDACTED = "***"
+#: MLflow's experiment-kind tag; model development (runs, params, metrics), not GenAI (traces)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: MLflow's description (note) of an experiment, shown above its runs in the UI
+EXPERIMENT_NOTE_TAG = "mlflow.note.content"
 
 
 class TrackingError(RuntimeError):
@@ -170,15 +175,23 @@ class StudyTracker:
         request_timeout_s: Bound on one HTTP request to a tracking server (MLflow's default is
             120 s with 7 retries; the tracker retries itself, so MLflow's retries are off unless
             ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` is set).
+        description: The experiment's description (MLflow's note, shown above its runs), e.g.
+            what the study searched and where its report is; secret-looking values scrubbed.
+
+    The experiment is tagged as MLflow model development (:data:`EXPERIMENT_KIND`), so that
+    MLflow treats it as runs to compare rather than GenAI traces. An existing experiment (a
+    resumed study) gets the kind and the description when it has none; a description it has
+    (perhaps edited in the UI) is kept.
     """
 
     def __init__(self, tracking_uri: str, study_name: str, experiment_name: str | None = None,
                  *, wal_dir: str | os.PathLike | None = None, artifact_location: str | None = None,
-                 request_timeout_s: int = 10) -> None:
+                 request_timeout_s: int = 10, description: str | None = None) -> None:
         self._init_args = (tracking_uri, study_name, experiment_name,
                            {"wal_dir": None if wal_dir is None else str(wal_dir),
                             "artifact_location": artifact_location,
-                            "request_timeout_s": request_timeout_s})
+                            "request_timeout_s": request_timeout_s,
+                            "description": description})
         self.tracking_uri = tracking_uri
         self.study_name = _check_id("study name", study_name)
         self.experiment_name = experiment_name or S.experiment_name(study_name)
@@ -188,6 +201,10 @@ class StudyTracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout_s))
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self._artifact_location = artifact_location or self._local_artifact_location()
+        self._experiment_tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        if description:
+            self._experiment_tags[EXPERIMENT_NOTE_TAG] = \
+                _scrub(description)[:S.MAX_TAG_VALUE_LENGTH]
         seed_sqlite_store(tracking_uri)
         self._client = MlflowClient(tracking_uri)
         self._lock = threading.RLock()
@@ -526,30 +543,31 @@ class StudyTracker:
         return f"tags.`{S.TAG_STUDY}` = '{self.study_name}' AND tags.`{S.TAG_ROLE}` = '{role}'"
 
     def _get_experiment_id(self) -> str:
+        """The study's experiment, created with :attr:`_experiment_tags`, or found (restored
+        if deleted) and given those of them it lacks."""
         if self._experiment_id is None:
             exp = self._client.get_experiment_by_name(self.experiment_name)
             if exp is None:
                 try:
                     self._experiment_id = self._client.create_experiment(
-                        self.experiment_name, artifact_location=self._artifact_location)
+                        self.experiment_name, artifact_location=self._artifact_location,
+                        tags=self._experiment_tags)
+                    return self._experiment_id
                 except MlflowException as err:  # created concurrently by another tracker
                     if err.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
-                    self._experiment_id = self._client.get_experiment_by_name(
-                        self.experiment_name).experiment_id
-            else:
-                if exp.lifecycle_stage == "deleted":
-                    self._client.restore_experiment(exp.experiment_id)
-                self._experiment_id = exp.experiment_id
+                    exp = self._client.get_experiment_by_name(self.experiment_name)
+            if exp.lifecycle_stage == "deleted":
+                self._client.restore_experiment(exp.experiment_id)
+            for key, value in self._experiment_tags.items():
+                if not exp.tags.get(key):  # set once: a resumed study keeps what it has
+                    self._client.set_experiment_tag(exp.experiment_id, key, value)
+            self._experiment_id = exp.experiment_id
         return self._experiment_id
 
     def _local_artifact_location(self) -> str | None:
         """Artifacts of a local sqlite store go beside the database, not into the cwd."""
-        db = S.sqlite_path(self.tracking_uri)
-        if db is None:
-            return None
-        name = S.mlflow_key(self.experiment_name).replace("/", "_")
-        return (Path(db).resolve().parent / "mlartifacts" / name).as_uri()
+        return S.local_artifact_location(self.tracking_uri, self.experiment_name)
 
     def _probe(self, timeout_s: float) -> bool:
         """True when an http(s) server answers ``/health`` (always True for local stores)."""

@@ -63,6 +63,34 @@ def test_parent_and_children(tracking_uri):
         assert location.startswith(Path(tracking_uri[len("sqlite:///"):]).parent.as_uri())
 
 
+def test_experiment_kind_and_description(tracking_uri):
+    """The study's experiment is MLflow model development with the tracker's description:
+    set when it is created, added to an existing experiment that lacks them (a resumed
+    study), and a description the experiment has is kept."""
+    from study.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NOTE_TAG
+
+    client = MlflowClient(tracking_uri)
+    about = "Study s searches the space quick: a few trials. Report: /studies/s/report.html"
+    tracker = StudyTracker(tracking_uri, _study(), description=about)
+    copy = pickle.loads(pickle.dumps(tracker))  # as Tune restores the callback's tracker
+    copy.start_study({}, {})  # creates the experiment
+    tags = client.get_experiment_by_name(tracker.experiment_name).tags
+    assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    assert tags[EXPERIMENT_NOTE_TAG] == about
+
+    bare = _study()  # an experiment made without the tags: they are added on resume
+    exp_id = client.create_experiment(S.experiment_name(bare))
+    StudyTracker(tracking_uri, bare, description=about).start_study({}, {})
+    tags = client.get_experiment(exp_id).tags
+    assert (tags[EXPERIMENT_KIND_TAG], tags[EXPERIMENT_NOTE_TAG]) == (EXPERIMENT_KIND, about)
+
+    client.set_experiment_tag(exp_id, EXPERIMENT_NOTE_TAG, "edited in the UI")
+    StudyTracker(tracking_uri, bare, description="new text").start_study({}, {})
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_NOTE_TAG] == "edited in the UI"
+    StudyTracker(tracking_uri, bare).start_study({}, {})  # no description: nothing removed
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_NOTE_TAG] == "edited in the UI"
+
+
 def test_one_run_per_trial_id(tracking_uri):
     study, client = _study(), MlflowClient(tracking_uri)
     first = StudyTracker(tracking_uri, study)
