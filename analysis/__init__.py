@@ -1,5 +1,5 @@
-"""Reading a study back: MLflow runs into pandas, views, the HTML report, config export and
-the paired predictor comparison.
+"""Reading a study back: MLflow runs into pandas, views, the HTML report, config export, and
+the statistics and table of the predictor question (``jepa-study answer``).
 
 The public names are re-exported here lazily (PEP 562): ``study/tracking.py`` imports
 ``analysis.schema`` on every trial, and that must not pull in pandas, matplotlib or Optuna.
@@ -10,7 +10,8 @@ The public names are re-exported here lazily (PEP 562): ``study/tracking.py`` im
   ``optimisation_history`` and the figures
 * :mod:`analysis.report` - ``write_report``, ``log_report``
 * :mod:`analysis.export` - ``export_configs``, ``load_warm_start``
-* :mod:`analysis.paired` - ``pick_pair``, ``paired_predictor_comparison``
+* :mod:`analysis.stats` - paired tests over queries, the two-level bootstrap, Holm
+* :mod:`analysis.answer` - the answer's comparisons, table, verdicts and renderings
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ _EXPORTS = {
               "pareto_front", "pareto_plot", "stop_reasons", "top_k"],
     "report": ["Report", "SECTIONS", "log_report", "render_report", "write_report"],
     "export": ["export_configs", "load_warm_start"],
-    "paired": ["PairedResult", "PairedStats", "PickedPair", "paired_predictor_comparison",
-               "pick_pair", "t_critical"],
+    "stats": ["Comparison", "bootstrap_ci", "compare", "compare_all", "holm", "paired_t",
+              "per_query_matrix", "permutation_test"],
+    "answer": ["Measured", "Run", "System", "answer_dict", "comparisons", "markdown",
+               "system_rows", "verdicts"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

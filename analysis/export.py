@@ -2,9 +2,12 @@
 
 An exported file is a complete ``RunConfig`` (every field resolved, ``data.path`` and
 ``train.seed`` included) that ``jepa-study train --config`` repeats as it is and
-``jepa-study launch --warm-start`` starts a new study from. Its ``provenance`` says where it
-came from (study, trial, MLflow run, metric and value, tracking URI); training never reads
-it. Flow stays one way: MLflow -> ``analysis`` -> YAML -> ``train``.
+``jepa-study launch --warm-start`` starts a new study from. It is the trial's model as the
+study chose it on dev: its best dev epoch (``train.stop_after_epoch``, the schedule kept, no
+patience) and, where the trial chose its scoring on dev (``eval.score_with: auto``), the
+scoring that won. Its ``provenance`` says where it came from (study, trial, MLflow run,
+metric and value, tracking URI, best epoch, the trial's patience and scoring setting);
+training never reads it. Flow stays one way: MLflow -> ``analysis`` -> YAML -> ``train``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from mlflow.tracking import MlflowClient
 
 from analysis import schema as S
-from analysis.runs import find_parent, load_runs, run_config
+from analysis.runs import METRICS, find_parent, load_runs, run_config
 from analysis.views import metric_column, top_k
 from trainables.config import ConfigError, RunConfig
 
@@ -47,22 +50,48 @@ def with_provenance(cfg: RunConfig, study: str, row: Mapping[str, Any], metric: 
     return RunConfig.from_dict({**cfg.to_dict(), "provenance": prov}, "provenance")
 
 
+def as_chosen(cfg: RunConfig, row: Mapping[str, Any]) -> tuple[RunConfig, dict[str, str]]:
+    """The trial's config as the study chose its model: trained to its best dev epoch, with
+    the scoring that won on dev; and the provenance entries saying what was changed.
+
+    Args:
+        cfg: The trial's resolved config.
+        row: Its runs-frame row (``best_epoch``, ``metrics.best_epoch``,
+            ``metrics.best_scored_with_predictor``).
+    """
+    best = row.get(f"{METRICS}best_epoch")
+    if best is None or best != best:  # NaN: a trial from before the loop reported it
+        best = row.get("best_epoch")
+    notes: dict[str, str] = {}
+    overrides: dict[str, Any] = {}
+    if cfg.eval.score_with == "auto":
+        won = row.get(f"{METRICS}best_scored_with_predictor")
+        mode = "predictor" if won == 1 and cfg.trains_predictor else "query"
+        overrides["eval.score_with"] = mode
+        notes["score_with"] = f"auto: {mode} won on dev"
+    if best is not None and best == best:
+        overrides.update({"train.stop_after_epoch": int(best), "train.patience": None})
+        notes.update(best_epoch=str(int(best)), patience=str(cfg.train.patience))
+    return (cfg.with_overrides(overrides, "export") if overrides else cfg), notes
+
+
 def export_configs(tracking_uri: str, study_name: str, out_dir: str | Path, top: int = 1,
-                   metric: str = S.OBJECTIVE, mode: str = "max",
+                   metric: str = S.SELECTION, mode: str = "max",
                    experiment_name: str | None = None) -> list[Path]:
     """Write the ``top`` finished trials of a study as run-config YAML files.
 
     Each config is the trial's ``config.yaml`` artifact (rebuilt from its params when the
-    artifact is missing), validated as a ``RunConfig``; a missing ``data.path`` is filled
-    with the study's data directory (the parent run's ``data`` param) so the file runs
-    anywhere that directory exists.
+    artifact is missing), validated as a ``RunConfig``, made the model the study chose
+    (:func:`as_chosen`); a missing ``data.path`` is filled with the study's data directory
+    (the parent run's ``data`` param) so the file runs anywhere that directory exists.
 
     Args:
         tracking_uri: MLflow tracking URI of the study.
         study_name: The study.
         out_dir: Created if needed; files are ``<study>-rank<k>-<trial_id>.yaml``.
         top: How many trials.
-        metric: Ranking metric (final value; ``best_dev_ndcg_at_10`` for the best epoch).
+        metric: Ranking metric (its last logged value; the default, the best dev epoch's
+            headline nDCG@10).
         mode: ``max`` or ``min``.
         experiment_name: The study's experiment when it is not the default one.
 
@@ -92,8 +121,9 @@ def export_configs(tracking_uri: str, study_name: str, out_dir: str | Path, top:
                 cfg = cfg.with_overrides({"data.path": data_dir}, "export")
             else:
                 log.warning("trial %s: data.path unknown, left unset", row["trial_id"])
+        cfg, chosen = as_chosen(cfg, row)
         cfg = with_provenance(cfg, study_name, row, metric, row[col], tracking_uri,
-                              rank=row["rank"])
+                              rank=row["rank"], **chosen)
         path = out_dir / f"{_safe(study_name)}-rank{row['rank']}-{_safe(row['trial_id'])}.yaml"
         cfg.to_yaml(path)
         paths.append(path)

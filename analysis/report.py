@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("summary", "top-k", "knob-stopgrad", "knob-residual", "knob-depth",
             "knob-lambda_pred", "importance", "history", "parallel", "pareto",
-            "stop-reasons", "paired")
+            "stop-reasons", "test")
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em}
@@ -54,7 +54,7 @@ class Report:
 
 
 def render_report(tracking_uri: str, study_name: str, storage_url: str | None = None,
-                  paired: Any = None, top: int = 10, experiment_name: str | None = None,
+                  top: int = 10, experiment_name: str | None = None,
                   strict: bool = False) -> Report:
     """Build the report of a study (see :func:`write_report`); nothing is written."""
     client = MlflowClient(tracking_uri)
@@ -65,7 +65,8 @@ def render_report(tracking_uri: str, study_name: str, storage_url: str | None = 
     multi = len(metrics) > 1 or _n_objectives(storage_url, study_name) > 1
     metric, mode = metrics[0], modes[0]
     figures: dict[str, Figure] = {}
-    scored = METRICS + metric in df.columns or metric in df.columns
+    scored = any(c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any()
+                 for c in (METRICS + metric, metric))
 
     def needs_metric(build: Callable[[], str]) -> Callable[[], str]:
         return build if scored else lambda: _note(f"no trial has reported {metric} yet")
@@ -92,9 +93,8 @@ def render_report(tracking_uri: str, study_name: str, storage_url: str | None = 
             figures, "pareto", V.pareto_plot(df, metrics, modes)) if len(metrics) > 1 else
             _note("multi-objective Optuna study, but the logged space names one metric"))))
     parts.append(("stop-reasons", "Stop reasons", lambda: _stops(df)))
-    if paired is not None:
-        parts.append(("paired", "Paired comparison: predictor on vs off",
-                      lambda: _paired(paired)))
+    parts.append(("test", "Test figures (reported, never used to choose)",
+                  needs_metric(lambda: _test(df, top, metric, mode))))
     body = []
     for sid, title, build in parts:
         try:
@@ -112,14 +112,14 @@ def render_report(tracking_uri: str, study_name: str, storage_url: str | None = 
 
 
 def write_report(tracking_uri: str, study_name: str, out_path: str | Path,
-                 storage_url: str | None = None, paired: Any = None,
-                 **kwargs: Any) -> Path:
+                 storage_url: str | None = None, **kwargs: Any) -> Path:
     """Write the study's report as one self-contained HTML file.
 
     Sections: summary, top-k, the four knob comparisons (stop-gradient, residual,
     depth, λ_pred buckets), parameter importance, optimisation history, parallel
-    coordinates, Pareto front (multi-objective studies), stop reasons, and the paired
-    comparison when ``paired`` is given.
+    coordinates, Pareto front (multi-objective studies), stop reasons and, last, the top
+    trials' test figures (reported, never used to choose; the controlled answer to the
+    predictor question is ``jepa-study answer``).
 
     Args:
         tracking_uri: The study's MLflow tracking URI.
@@ -127,13 +127,12 @@ def write_report(tracking_uri: str, study_name: str, out_path: str | Path,
         out_path: The HTML file to write (its directory is created).
         storage_url: Optuna storage for the importance section; default: the study
             directory's ``optuna.db`` when the parent run names the directory.
-        paired: A :class:`analysis.paired.PairedResult` (or its ``to_dict()``).
         **kwargs: ``top``, ``experiment_name``, ``strict`` of :func:`render_report`.
 
     Returns:
         ``out_path``.
     """
-    report = render_report(tracking_uri, study_name, storage_url, paired, **kwargs)
+    report = render_report(tracking_uri, study_name, storage_url, **kwargs)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(report.html, encoding="utf-8")
@@ -190,11 +189,13 @@ def _summary(df: pd.DataFrame, parent: Any, metric: str, mode: str, uri: str) ->
              ("by status", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))]
     if len(best):
         row = best.iloc[0]
-        test = row.get(METRICS + "test_ndcg_at_10")
+        mode = {1.0: "predictor", 0.0: "query"}.get(row.get(METRICS + "best_scored_with_predictor"))
         items += [("best trial", row["trial_id"]),
                   (f"best {metric}", _num(row[V.metric_column(df, metric)])),
-                  ("its test nDCG@10", _num(test) if V.finite(test) else "n/a (no test run)"),
-                  ("its λ_pred", row.get(PARAMS + "loss.lambda_pred"))]
+                  ("its best dev epoch", row.get(METRICS + "best_epoch", row.get("best_epoch"))),
+                  ("its scoring (chosen on dev)", mode or "n/a"),
+                  ("its λ_pred", row.get(PARAMS + "loss.lambda_pred")),
+                  ("its test figures", "in the last section (reported, never used to choose)")]
     flagged = int((df["nonfinite"].fillna("") != "").sum()) if len(df) else 0
     items.append(("trials with NaN/inf metrics", flagged))
     items += [(f"param {k}", v) for k, v in sorted(parent.data.params.items())]
@@ -206,13 +207,29 @@ def _top(df: pd.DataFrame, k: int, metric: str, mode: str) -> str:
     rows = V.top_k(df, k, metric, mode)
     if rows.empty:
         return _note("no finished trial with a value yet")
-    cols = ["rank", "trial_id", "status", "stop_reason", "epochs",
-            V.metric_column(df, metric), f"best_{S.OBJECTIVE}"]
-    cols += [c for c in (METRICS + "test_ndcg_at_10", METRICS + "test_query_ndcg_at_10",
-                         METRICS + "test_predictor_ndcg_at_10") if c in rows.columns]
+    cols = ["rank", "trial_id", "status", "stop_reason", "epochs", "best_epoch",
+            V.metric_column(df, metric)]
+    cols += [c for c in (METRICS + "best_scored_with_predictor",) if c in rows.columns]
     cols += V.searched_params(df) or [spec.column for spec in V.KNOBS.values()
                                       if spec.column in rows.columns]
     return _table(rows[list(dict.fromkeys(cols))], index=False)
+
+
+#: test figures of a trial's best dev epoch, for the report's last section only
+TEST_COLUMNS = [METRICS + "best_test_ndcg_at_10", METRICS + "best_test_query_ndcg_at_10",
+                METRICS + "best_test_predictor_ndcg_at_10", METRICS + "best_test_recall_at_100"]
+
+
+def _test(df: pd.DataFrame, k: int, metric: str, mode: str) -> str:
+    """The top trials (ranked by dev, as everywhere) with their best epoch's test figures."""
+    rows = V.top_k(df, k, metric, mode)
+    cols = [c for c in TEST_COLUMNS if c in rows.columns]
+    if rows.empty or not cols:
+        return _note("no finished trial has test figures")
+    note = _note("Test figures of each trial's best dev epoch. They are reported here and "
+                 "used for nothing: trials, epochs and scorings are all chosen on dev.")
+    return note + _table(rows[["rank", "trial_id", V.metric_column(df, metric)] + cols],
+                         index=False)
 
 
 def _knob(df: pd.DataFrame, knob: str, metric: str) -> str:
@@ -249,28 +266,6 @@ def _stops(df: pd.DataFrame) -> str:
             bad[["trial_id", "nonfinite"]], index=False)
     return table
 
-
-def _paired(paired: Any) -> str:
-    d = paired.to_dict() if hasattr(paired, "to_dict") else dict(paired)
-    out = [f"<p>metric: <b>{_e(d.get('metric', 'test_ndcg_at_10'))}</b>, difference "
-           "= on − off, paired by seed</p>"]
-    for name in ("headline", "query", "predictor"):
-        s = d.get(name)
-        if not s:
-            continue
-        out.append(f"<h3>{_e(name)}: on {_e(s['metric_on'])} vs off {_e(s['metric_off'])}"
-                   f"</h3><p>mean {_num(s['mean'])}, "
-                   f"std {_num(s['std'])}, {round(100 * s['confidence'])}% t interval "
-                   f"[{_num(s['ci_low'])}, {_num(s['ci_high'])}] over {len(s['seeds'])} "
-                   "seeds</p>")
-        out.append(_table(pd.DataFrame({"seed": s["seeds"], "on": s["on"], "off": s["off"],
-                                        "diff": s["diffs"]}), index=False))
-    out.append(f"<p>budget: {_e(d.get('budget'))}</p>")
-    out += [_note(n) for n in d.get("notes", [])]
-    return "".join(out)
-
-
-# -- helpers -----------------------------------------------------------------------------------
 
 def _n_objectives(storage_url: str | None, study_name: str) -> int:
     """The Optuna study's number of objectives (0 when there is no readable storage)."""

@@ -180,7 +180,7 @@ def load_space(tracking_uri: str, parent_run_id: str) -> dict[str, Any]:
 
 def objectives(space: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """The study's metric(s) and mode(s) from its space mapping (default: the objective)."""
-    metric = space.get("metric", S.OBJECTIVE)
+    metric = space.get("metric", S.SELECTION)
     mode = space.get("mode", "max")
     metrics = [metric] if isinstance(metric, str) else list(metric)
     modes = [mode] * len(metrics) if isinstance(mode, str) else list(mode)

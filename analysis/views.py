@@ -60,7 +60,7 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == S.STATUS_FINISHED]
 
 
-def top_k(df: pd.DataFrame, k: int = 10, metric: str = S.OBJECTIVE, mode: str = "max",
+def top_k(df: pd.DataFrame, k: int = 10, metric: str = S.SELECTION, mode: str = "max",
           finished_only: bool = True) -> pd.DataFrame:
     """The ``k`` best trials by ``metric`` (rows without a value left out), with a ``rank``."""
     col = metric_column(df, metric)
@@ -90,7 +90,7 @@ def lambda_buckets(df: pd.DataFrame, name: str = "loss.lambda_pred") -> pd.Serie
     return out.where(values.notna())
 
 
-def compare_by(df: pd.DataFrame, knob: str, metric: str = S.OBJECTIVE,
+def compare_by(df: pd.DataFrame, knob: str, metric: str = S.SELECTION,
                finished_only: bool = True) -> pd.DataFrame:
     """Grouped stats (``count``, ``mean``, ``std``, ``max``) of ``metric`` by one knob.
 
@@ -114,7 +114,7 @@ def compare_by(df: pd.DataFrame, knob: str, metric: str = S.OBJECTIVE,
     return stats
 
 
-def optimisation_history(df: pd.DataFrame, metric: str = S.OBJECTIVE,
+def optimisation_history(df: pd.DataFrame, metric: str = S.SELECTION,
                          mode: str = "max") -> pd.DataFrame:
     """Trials in start order with their value and the best value so far.
 
@@ -311,7 +311,7 @@ def _impute(trials: list, names: Sequence[str]) -> tuple[list[dict], dict, set[s
 
 # -- figures ------------------------------------------------------------------------------------
 
-def history_plot(df: pd.DataFrame, metric: str = S.OBJECTIVE, mode: str = "max") -> Figure:
+def history_plot(df: pd.DataFrame, metric: str = S.SELECTION, mode: str = "max") -> Figure:
     """Optimisation history: each trial's value in start order, and the best so far."""
     hist = optimisation_history(df, metric, mode)
     fig = Figure(figsize=(7, 3.6), layout="constrained")
@@ -328,7 +328,7 @@ def history_plot(df: pd.DataFrame, metric: str = S.OBJECTIVE, mode: str = "max")
 
 
 def parallel_coordinates_plot(df: pd.DataFrame, params: Sequence[str] | None = None,
-                              metric: str = S.OBJECTIVE) -> Figure:
+                              metric: str = S.SELECTION) -> Figure:
     """Parallel coordinates of the searched parameters, lines coloured by ``metric``.
 
     Each axis is scaled to [0, 1] (numbers by range, booleans and categories by position);

@@ -394,8 +394,8 @@ def load_preset(name: str) -> dict[str, Any]:
     return yaml.safe_load(preset_path(name).read_text()) or {}
 
 
-def load_space(path_or_name: str | Path) -> SpaceSpec:
-    """Loads and validates a space file; a bare name (``quick``) means a shipped space."""
+def space_file(path_or_name: str | Path) -> Path:
+    """The file of a space: a path as given, or a bare name (``quick``) of a shipped space."""
     path = Path(path_or_name)
     if not path.is_file():
         shipped = shipped_spaces()
@@ -403,6 +403,12 @@ def load_space(path_or_name: str | Path) -> SpaceSpec:
             raise SpaceError(f"{path_or_name}: no such space file, nor a shipped space "
                              f"(valid: {sorted(shipped)})")
         path = shipped[str(path_or_name)]
+    return path
+
+
+def load_space(path_or_name: str | Path) -> SpaceSpec:
+    """Loads and validates a space file; a bare name (``quick``) means a shipped space."""
+    path = space_file(path_or_name)
     source = path.name if path.parent == SPACES_DIR else str(path)
     try:
         raw = yaml.safe_load(path.read_text())

@@ -98,7 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from study.reporting import study_report
 
-    path = study_report(args.study, out=args.out, paired_seeds=args.paired_seeds)
+    path = study_report(args.study, out=args.out)
     print(f"wrote {path} (also logged on the study's parent MLflow run)")
     return 0
 
@@ -109,6 +109,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     for path in study_export(args.study, top=args.top, metric=args.metric, mode=args.mode,
                              out=args.out):
         print(path)
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from study.answer import AnswerOptions, answer
+
+    opts = AnswerOptions(data=args.data, space=args.space, num_samples=args.num_samples,
+                         seeds=args.seeds, name=args.name, storage=args.storage,
+                         address=args.address, mlflow_uri=args.mlflow_uri,
+                         max_concurrent_trials=args.max_concurrent_trials)
+    out = answer(opts)
+    print(json.dumps(out, indent=1, default=str))
     return 0
 
 
@@ -162,17 +174,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML report of a study, logged to its parent run")
     p.add_argument("study", help="study directory")
     p.add_argument("--out", help="HTML file (default <study>/report.html)")
-    p.add_argument("--paired-seeds", type=int, default=0, help="re-train the best λ_pred>0 "
-                   "and λ_pred=0 configs over this many seeds and compare them on test")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write the best trials' configs as YAML files")
     p.add_argument("study", help="study directory")
     p.add_argument("--top", type=int, default=1)
-    p.add_argument("--metric", default="dev_ndcg_at_10")
+    p.add_argument("--metric", default="best_dev_ndcg_at_10",
+                   help="ranking metric (default: the best dev epoch's headline nDCG@10)")
     p.add_argument("--mode", default="max", choices=["max", "min"])
     p.add_argument("--out", help="directory (default <study>/exported)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("answer", help="does the JEPA predictor help? arms at equal effort, "
+                       "controls, fresh seeds, tests over queries, per dataset")
+    p.add_argument("--data", action="append", required=True, metavar="DIR",
+                   help="a BEIR directory; repeat for each dataset (transfer between them "
+                   "is scored too)")
+    p.add_argument("--space", default="jepa_core", help="the space both arms search")
+    p.add_argument("--num-samples", type=int, help="trials per arm and dataset "
+                   "(default: the space's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                   help="fresh seeds of the retrained runs (the search uses seed 0)")
+    p.add_argument("--name", default="answer")
+    p.add_argument("--storage", default="answers", help="parent directory of answers")
+    p.add_argument("--address", help="Ray cluster: auto or ray://host:10001 (default: local)")
+    p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite store in the answer)")
+    p.add_argument("--max-concurrent-trials", type=int)
+    p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("ui", help="MLflow UI on a study's store (127.0.0.1 by default)")
     p.add_argument("study", nargs="?", help="study directory (default: the newest in studies/)")
@@ -211,9 +239,22 @@ def _checkpoint_interval_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _terminate(signum, frame) -> None:
-    # Re-raised as SIGINT: before Ray starts that is a KeyboardInterrupt; during a study it is
-    # Tune's own graceful stop, which saves the experiment state on the way out.
-    signal.raise_signal(signal.SIGINT)
+    """SIGTERM (a job scheduler, ``kill``) stops the command as Ctrl-C does, always.
+
+    The handler Python has for SIGINT right now is called directly: outside ``Tuner.fit``
+    one that raises ``KeyboardInterrupt``; inside it, Tune's graceful stop, which saves the
+    experiment state on the way out (runs end KILLED, the study stays resumable; see
+    ``study.launcher._TuneInterruptWatch``). A SIGINT that is ignored (SIG_IGN: POSIX
+    shells start a script's background jobs so) or left to the system has no Python handler
+    to call: then it is a ``KeyboardInterrupt`` here. Calling the handler, rather than
+    raising SIGINT at the process, keeps SIGINT's disposition as the parent chose it (an
+    ignored Ctrl-C stays ignored) while SIGTERM stops the command whatever that is.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIG_IGN, SIG_DFL, or a handler not installed from Python (None)
+        raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM (a scheduler ending the job) stops like Ctrl-C: runs end KILLED, and the
-        # study stays resumable.
+        # Every command stops on SIGTERM as on Ctrl-C (exit 130): a study's runs end KILLED
+        # and it stays resumable; `ui` takes its MLflow server down with it.
         signal.signal(signal.SIGTERM, _terminate)
     errors: tuple[type[BaseException], ...] = (ConfigError, DataError, SpaceError, StudyError)
     try:

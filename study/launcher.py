@@ -134,7 +134,8 @@ class TrialConfigBuilder:
 
 
 class StopReasons:
-    """Why a trial that ended without error ended: collapse guard, ASHA, or completion."""
+    """Why a trial that ended without error ended: collapse guard, the loop's own end
+    (budget, patience), or the scheduler (ASHA)."""
 
     def __init__(self, study_dir: str, max_epochs: int):
         self.study_dir, self.max_epochs = study_dir, max_epochs
@@ -143,7 +144,10 @@ class StopReasons:
         marker = Path(self.study_dir) / "stops" / f"{trial.trial_id}.txt"
         if marker.exists():
             return marker.read_text()
-        epoch = (trial.last_result or {}).get("epoch")
+        result = trial.last_result or {}
+        if result.get("end_reason"):  # the loop ended itself: budget, patience, stop_after
+            return str(result["end_reason"])
+        epoch = result.get("epoch")
         if epoch is not None and epoch < self.max_epochs:
             return f"early_stopped: scheduler stopped the trial after epoch {epoch}"
         return "completed"
@@ -315,7 +319,16 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
         from study.tracking import StudyTracker
 
         _check_tracking(meta["mlflow_uri"], name)
-        return StudyTracker(meta["mlflow_uri"], name, wal_dir=study_dir / "wal")
+        # the experiment's description above its runs in the MLflow UI (one paragraph: the
+        # UI shows the first one folded): what was searched, and where the report is
+        space = spec.name or Path(opts.space).stem
+        about = " ".join(spec.description.split()).rstrip(".")
+        description = (f"Study {name} searches the space {space}"
+                       + (f": {about}." if about else ".")
+                       + f" Report: {study_dir / 'report.html'} "
+                       f"(written by `jepa-study report {study_dir}`).")
+        return StudyTracker(meta["mlflow_uri"], name, wal_dir=study_dir / "wal",
+                            description=description)
 
     tracker = _while_ray_starts(opts, open_tracking)
     from ray import tune
@@ -490,13 +503,7 @@ def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, m
         stopper = CollapseStopper(str(study_dir), spec.collapse_guard.metric,
                                   spec.collapse_guard.min_effective_rank)
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic table takes chosen columns
-    reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", "dev_ndcg_at_10": "dev nDCG@10",
-                        "dev_predictor_ndcg_at_10": "pred nDCG@10",
-                        "effective_rank": "eff. rank"},
-        parameter_columns=_always_suggested(spec),
-        sort_by_metric=metric is not None,
-        max_report_frequency=15, print_intermediate_tables=True)
+    reporter = progress_reporter(spec)
     return tune.Tuner(
         trainable,
         # reuse_actors: a new trial takes over a finished trial's process, with torch and the
@@ -514,19 +521,38 @@ def _new_tuner(spec, opts, name, study_dir, trainable, callbacks, concurrency, m
     )
 
 
-def _always_suggested(spec) -> dict[str, str]:
-    """Table columns: parameters every trial has (Tune's table fails on absent keys)."""
+def progress_reporter(spec):
+    """Tune's console table of a study: epoch, dev figures, and the always-set parameters."""
+    from ray import tune
+
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "dev_ndcg_at_10": "dev nDCG@10",
+                        "best_dev_ndcg_at_10": "best dev", "best_epoch": "best ep",
+                        "effective_rank": "eff. rank"},
+        parameter_columns=always_suggested(spec),
+        sort_by_metric=isinstance(spec.metric, str),
+        max_report_frequency=15, print_intermediate_tables=True)
+
+
+def always_suggested(spec) -> dict[str, str]:
+    """Table columns: the parameters every trial has (Tune's table fails on an absent key).
+
+    A parameter without ``when`` is suggested in every trial, as is its on/off switch, except
+    the switch of the last member of ``at_least_one_on``: it is not suggested (forced on)
+    when the other members are off. A ``zero`` parameter's value is absent while it is off.
+    """
     from search_spaces.space import SWITCH
 
+    forced = spec.at_least_one_on[-1] if spec.at_least_one_on else None
     columns = {}
-    for path, p in spec.parameters.items():
+    for name, p in spec.parameters.items():
         if p.when:
             continue
-        short = path.split(".")[-1]
-        if getattr(p, "zero", False):
-            columns[path + SWITCH] = short + " on"
-        else:
-            columns[path] = short
+        short = name.split(".")[-1]
+        if not getattr(p, "zero", False):
+            columns[name] = short
+        elif name != forced:
+            columns[name + SWITCH] = short + " on"
     return columns
 
 
@@ -583,8 +609,11 @@ def summarize(study_dir: Path, grid, spec, wall_s: float) -> dict[str, Any]:
     for result in grid:
         m = result.metrics or {}
         rows.append({"trial_id": m.get("trial_id"), "error": result.error is not None,
-                     metric: m.get(metric), "test_ndcg_at_10": m.get("test_ndcg_at_10"),
-                     "epoch": m.get("epoch")})
+                     metric: m.get(metric), "best_epoch": m.get("best_epoch"),
+                     "scored_with": {1.0: "predictor", 0.0: "query"}.get(
+                         m.get("best_scored_with_predictor")),
+                     "test_ndcg_at_10": m.get("best_test_ndcg_at_10"),
+                     "epochs": m.get("epoch"), "end_reason": m.get("end_reason", "")})
     scored = [r for r in rows if isinstance(r[metric], (int, float)) and r[metric] == r[metric]]
     best = (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
     summary = {"study_dir": str(study_dir), "name": meta["name"], "trials": len(rows),

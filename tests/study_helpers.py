@@ -21,7 +21,7 @@ def tiny_space(tmp_path: Path, name: str = "tiny", *, num_samples: int = 4, epoc
         base.setdefault(section, {}).update(values)
     space = {
         "name": name, "base_preset": "hybrid", "base": base,
-        "metric": "dev_ndcg_at_10", "mode": "max", "num_samples": num_samples,
+        "metric": "best_dev_ndcg_at_10", "mode": "max", "num_samples": num_samples,
         "searcher": {"kind": "tpe", "seed": 0, "n_startup_trials": 2},
         "scheduler": {"kind": scheduler},
         "parameters": parameters or {

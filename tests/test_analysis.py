@@ -1,5 +1,6 @@
-"""analysis/ against a real study record: MLflow runs written by StudyTracker, a real Optuna
-storage with the quick space's distributions, and short real trainings on cached SciFact.
+"""analysis/ against a real study record: MLflow runs written by StudyTracker and a real
+Optuna storage with a small space's distributions (L_pred and L_con switches, the predictor's
+shape).
 
 The record mirrors what a launched study writes (parent run, one child per trial with the
 launcher's flattened params and config.yaml, per-epoch metrics with test figures on the
@@ -9,31 +10,45 @@ without Ray: building it takes a few seconds.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
 import optuna
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from analysis import schema as S
 from analysis.export import PROVENANCE_KEYS, export_configs, load_warm_start
-from analysis.paired import (PairedResult, PairedStats, paired_predictor_comparison,
-                             pick_pair, t_critical)
 from analysis.report import SECTIONS, log_report, render_report, write_report
 from analysis.runs import (config_from_params, find_parent, load_history, load_optuna,
                            load_runs, run_config)
 from analysis.views import (compare_by, history_plot, importance, lambda_buckets,
                             optimisation_history, parallel_coordinates_plot, pareto_front,
                             pareto_plot, stop_reasons, top_k)
-from search_spaces.space import load_space, shipped_spaces
+from search_spaces.space import load_space
 from trainables.config import ConfigError, RunConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STUDY = "quick"
 ON, OFF = "lambda_pred:on", "lambda_con:on"
+SPACE = {
+    "name": STUDY, "base_preset": "hybrid", "base": {"train": {"epochs": 3}},
+    "metric": "best_dev_ndcg_at_10", "mode": "max", "num_samples": 6,
+    "parameters": {
+        "loss.lambda_pred": {"type": "float", "low": 0.1, "high": 10.0, "log": True,
+                             "zero": True},
+        "loss.lambda_con": {"type": "float", "low": 0.1, "high": 2.0, "log": True,
+                            "zero": True},
+        "model.predictor.depth": {"type": "int", "low": 1, "high": 3,
+                                  "when": {"loss.lambda_pred:on": True}},
+        "model.predictor.residual": {"type": "categorical", "choices": [True, False],
+                                     "when": {"loss.lambda_pred:on": True}},
+        "loss.stopgrad": {"type": "categorical", "choices": [True, False],
+                          "when": {"loss.lambda_pred:on": True}},
+    },
+}
 
 
 def _p(pred: float | None, con: float | None, depth: int = 2, residual: bool = True,
@@ -75,7 +90,8 @@ def record(tmp_path_factory, scifact_dir):
     study_dir = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{study_dir / 'mlflow.db'}"
     storage = f"sqlite:///{study_dir / S.OPTUNA_DB}"
-    space_file = shipped_spaces()[STUDY]
+    space_file = study_dir / "space.yaml"
+    space_file.write_text(yaml.safe_dump(SPACE, sort_keys=False))
     builder = TrialConfigBuilder(str(space_file), str(scifact_dir))
     tracker = StudyTracker(uri, STUDY)
     parent = tracker.start_study(
@@ -83,19 +99,22 @@ def record(tmp_path_factory, scifact_dir):
          "optuna_version": optuna.__version__},
         {S.TAG_STUDY_DIR: str(study_dir)}, space_yaml=space_file.read_text())
     ostudy = optuna.create_study(storage=storage, study_name=STUDY, direction="maximize")
-    spec = load_space(STUDY)
+    spec = load_space(space_file)
     configs = {}
     for trial_id, (params, status, reason, dev, test) in TRIALS.items():
         tracker.trial_run(trial_id, builder.flat(params), builder.yaml(params))
         configs[trial_id] = RunConfig.from_dict(builder(params))
         for epoch, value in enumerate(dev, start=1):
+            best = max(dev[:epoch])
             metrics = {"dev_ndcg_at_10": value, "dev_query_ndcg_at_10": value,
                        "dev_predictor_ndcg_at_10": value - 0.1, "effective_rank": 40.0 / epoch,
                        "train_loss": 1.0 / epoch, "pred_error": math.nan if trial_id == "t3"
-                       else 0.1, "lr": 1e-3}
+                       else 0.1, "lr": 1e-3, "best_dev_ndcg_at_10": best,
+                       "best_epoch": dev.index(best) + 1, "best_scored_with_predictor": 0.0}
             if epoch == len(dev) and test is not None:
                 metrics.update({"test_ndcg_at_10": test, "test_query_ndcg_at_10": test,
-                                "test_predictor_ndcg_at_10": test - 0.2})
+                                "test_predictor_ndcg_at_10": test - 0.2,
+                                "best_test_ndcg_at_10": test})
             tracker.log_epoch(trial_id, metrics, epoch)
         tracker.end_trial(trial_id, status, reason)
         fixed = optuna.trial.FixedTrial(params)
@@ -108,7 +127,7 @@ def record(tmp_path_factory, scifact_dir):
     tracker.end_study(S.STATUS_FINISHED)
     assert tracker.flush()
     return {"uri": uri, "storage": storage, "dir": study_dir, "parent": parent,
-            "configs": configs, "data_dir": str(scifact_dir)}
+            "configs": configs, "data_dir": str(scifact_dir), "space": space_file}
 
 
 @pytest.fixture(scope="module")
@@ -185,13 +204,13 @@ def test_top_k_and_knob_comparisons(runs):
     assert top_k(runs, 1, mode="min")["trial_id"].tolist() == ["t3"]
     assert "t4" not in top_k(runs, 10, finished_only=True)["trial_id"].tolist()
 
-    stop = compare_by(runs, "stopgrad")  # λ_pred > 0 and finished: t0, t2, t3
+    stop = compare_by(runs, "stopgrad", "dev_ndcg_at_10")  # λ_pred > 0, finished: t0, t2, t3
     assert stop["count"].to_dict() == {False: 1, True: 2}
     assert stop.loc[True, "mean"] == pytest.approx((0.60 + 0.30) / 2)
     assert stop.loc[True, "max"] == pytest.approx(0.60)
     assert compare_by(runs, "residual")["count"].to_dict() == {False: 2, True: 1}
     assert compare_by(runs, "depth")["count"].to_dict() == {1: 1, 2: 1, 3: 1}
-    lam = compare_by(runs, "lambda_pred")
+    lam = compare_by(runs, "lambda_pred", "dev_ndcg_at_10")
     assert lam["count"].to_dict() == {"0": 2, "(0, 0.1]": 1, "(0.1, 1]": 1, ">1": 1}
     assert lam.loc["0", "mean"] == pytest.approx((0.66 + 0.50) / 2)
     assert lam.loc["0", "std"] == pytest.approx(pd.Series([0.66, 0.50]).std())
@@ -202,7 +221,7 @@ def test_top_k_and_knob_comparisons(runs):
 
 
 def test_history_stop_reasons_and_figures(runs):
-    hist = optimisation_history(runs)
+    hist = optimisation_history(runs, "dev_ndcg_at_10")
     assert hist["trial_id"].tolist() == list(TRIALS)  # start order
     assert hist["best_so_far"].tolist() == pytest.approx([0.60, 0.66, 0.66, 0.66, 0.66, 0.66])
     assert hist["is_best"].tolist() == [True, True, False, False, False, False]
@@ -210,11 +229,14 @@ def test_history_stop_reasons_and_figures(runs):
     assert hist.loc[4, "last_value"] == pytest.approx(0.20)
     reasons = stop_reasons(runs).set_index("reason")["count"].to_dict()
     assert reasons == {"completed": 3, "collapse": 1, "error": 1, "early_stopped": 1}
+    # by default the trial's value: its best dev epoch's
+    assert optimisation_history(runs)["best_so_far"].tolist() == pytest.approx(
+        [0.61, 0.66, 0.66, 0.66, 0.66, 0.66])
     fig = history_plot(runs)
-    assert fig.axes[0].get_ylabel() == "dev_ndcg_at_10"
+    assert fig.axes[0].get_ylabel() == "best_dev_ndcg_at_10"
     par = parallel_coordinates_plot(runs)
     labels = [t.get_text() for t in par.axes[0].get_xticklabels()]
-    assert "model.predictor.depth" in labels and labels[-1] == "dev_ndcg_at_10"
+    assert "model.predictor.depth" in labels and labels[-1] == "best_dev_ndcg_at_10"
     assert sum(ln.get_gid() == "trial" for ln in par.axes[0].lines) == 5  # finished trials
     assert len(labels) == 6  # five searched config params and the metric
     with pytest.raises(ValueError):
@@ -258,19 +280,8 @@ def test_importance_covers_every_searched_parameter(record, tmp_path):
 
 # -- report ----------------------------------------------------------------------------------
 
-def _fake_paired() -> PairedResult:
-    cfg = RunConfig()
-    stats = PairedStats("test_ndcg_at_10", "test_ndcg_at_10", [0, 1], [0.62, 0.64], [0.6, 0.6])
-    query = PairedStats("test_query_ndcg_at_10", "test_query_ndcg_at_10", [0, 1], [0.6, 0.6],
-                        [0.6, 0.6])
-    jepa = PairedStats("test_predictor_ndcg_at_10", "test_query_ndcg_at_10", [0, 1],
-                       [0.66, 0.67], [0.6, 0.6])
-    return PairedResult(stats, query, jepa, "query", "query", {"epochs": 1}, cfg, cfg)
-
-
 def test_report_is_self_contained_and_logged(record, tmp_path):
-    out = write_report(record["uri"], STUDY, tmp_path / "r" / "report.html",
-                       paired=_fake_paired(), strict=True)
+    out = write_report(record["uri"], STUDY, tmp_path / "r" / "report.html", strict=True)
     text = out.read_text()
     ids = set(re.findall(r'<section id="([^"]+)"', text))
     assert ids == set(SECTIONS) - {"pareto"}  # single objective: no Pareto section
@@ -279,9 +290,12 @@ def test_report_is_self_contained_and_logged(record, tmp_path):
     assert text.count('src="data:image/png;base64,') == 3  # importance, history, parallel
     importance_part = text.split('id="importance"')[1].split("</section>")[0]
     assert "model.predictor.depth" in importance_part  # found optuna.db via the study dir
-    paired_part = text.split('id="paired"')[1].split("</section>")[0]
-    assert "0.0300" in paired_part  # mean of the fake differences
-    assert "t1" in text.split('id="top-k"')[1].split("</section>")[0]
+    # test figures (t1's is 0.67) only in the last section, never beside the choice
+    top = text.split('id="top-k"')[1].split("</section>")[0]
+    assert "t1" in top and "0.6700" not in top and "test_ndcg" not in top
+    assert "0.67" not in text.split('id="summary"')[1].split("</section>")[0]
+    last = re.findall(r'<section id="([^"]+)"', text)[-1]
+    assert last == "test" and "0.6700" in text.split('id="test"')[1]
 
     report = render_report(record["uri"], STUDY, strict=True)
     assert set(report.figures) == {"importance", "history", "parallel"}
@@ -314,7 +328,7 @@ def test_report_pareto_section_and_empty_study(record):
 
     StudyTracker(record["uri"], "empty").start_study({"space": "empty"})
     empty = render_report(record["uri"], "empty")  # no trials yet: notes, not a crash
-    assert set(empty.sections) == set(SECTIONS) - {"pareto", "paired"}
+    assert set(empty.sections) == set(SECTIONS) - {"pareto"}
     assert "<dt>trials</dt><dd>0</dd>" in empty.html
     assert "section failed" not in empty.html and "no trial has reported" in empty.html
     with pytest.raises(LookupError, match="nope"):
@@ -333,10 +347,15 @@ def test_export_configs_with_provenance(record, runs, tmp_path):
         assert cfg.provenance["trial_id"] == trial_id
         assert cfg.provenance["mlflow_run_id"] == by.loc[trial_id, "run_id"]
         assert cfg.provenance["study"] == STUDY
-        assert cfg.provenance["metric"] == "dev_ndcg_at_10"
-        assert float(cfg.provenance["value"]) == pytest.approx(TRIALS[trial_id][3][-1])
+        assert cfg.provenance["metric"] == "best_dev_ndcg_at_10"
+        dev = TRIALS[trial_id][3]
+        assert float(cfg.provenance["value"]) == pytest.approx(max(dev))
         assert cfg.provenance["tracking_uri"] == record["uri"]
-        assert _stripped(cfg) == record["configs"][trial_id]
+        # the model the study chose: its best dev epoch, the schedule kept, no patience
+        best = dev.index(max(dev)) + 1
+        assert cfg.provenance["best_epoch"] == str(best)
+        assert _stripped(cfg) == record["configs"][trial_id].with_overrides(
+            {"train.stop_after_epoch": best, "train.patience": None})
         assert cfg.data.path == record["data_dir"] and cfg.train.seed == 0
     loaded = load_warm_start(tmp_path / "best")
     assert [c.provenance["trial_id"] for c in loaded] == ["t1", "t2"]
@@ -345,66 +364,3 @@ def test_export_configs_with_provenance(record, runs, tmp_path):
         load_warm_start(tmp_path / "missing")
     with pytest.raises(KeyError, match="nonexistent"):
         export_configs(record["uri"], STUDY, tmp_path / "x", metric="nonexistent")
-
-
-# -- paired comparison -----------------------------------------------------------------------
-
-def test_paired_stats_and_t_table():
-    stats = PairedStats("m", "m", [0, 1, 2], [0.51, 0.53, 0.52], [0.5, 0.5, 0.5])
-    assert stats.diffs == pytest.approx([0.01, 0.03, 0.02])
-    assert stats.mean == pytest.approx(0.02) and stats.std == pytest.approx(0.01)
-    half = 4.303 * 0.01 / math.sqrt(3)
-    assert stats.ci == pytest.approx((0.02 - half, 0.02 + half), abs=1e-4)
-    assert t_critical(1) == pytest.approx(12.706, abs=1e-3)
-    assert t_critical(200) == pytest.approx(1.972, abs=0.01)
-    assert stats.per_seed()["diff"].tolist() == pytest.approx(stats.diffs)
-
-
-def test_pick_pair_picks_best_on_and_off(record, runs):
-    pair = pick_pair(runs)
-    assert pair.on_row["trial_id"] == "t2" and pair.off_row["trial_id"] == "t1"
-    assert pair.on.loss.lambda_pred == 2.0 and pair.off.loss.lambda_pred == 0.0
-    assert _stripped(pair.on) == record["configs"]["t2"]
-    assert _stripped(pair.off) == record["configs"]["t1"]
-    assert pair.on.provenance["trial_id"] == "t2"
-    by_artifact = pick_pair(runs, tracking_uri=record["uri"])
-    assert _stripped(by_artifact.on) == _stripped(pair.on)
-    by_best = pick_pair(runs, metric="best_dev_ndcg_at_10")  # t0 peaks at 0.61 < t2's 0.64
-    assert by_best.on_row["trial_id"] == "t2"
-    with pytest.raises(ValueError, match="λ_pred = 0"):
-        pick_pair(runs[runs["params.loss.lambda_pred"] > 0])
-
-
-def test_paired_comparison_on_scifact(record, runs, tmp_path, scifact, scifact_features):
-    pair = pick_pair(runs)
-    on = pair.on.with_overrides({"train.epochs": 1, "train.max_steps_per_epoch": 2})
-    off = pair.off  # 3 epochs, no step cap: aligned to the on arm's budget
-    with pytest.raises(ValueError, match="seeds"):
-        paired_predictor_comparison(on, off, [0], tmp_path, scifact, scifact_features)
-    with pytest.raises(ValueError, match="best_off"):
-        paired_predictor_comparison(on, on, [0, 1], tmp_path, scifact, scifact_features)
-    result = paired_predictor_comparison(on, off, [0, 1], tmp_path / "paired", scifact,
-                                         scifact_features)
-    assert result.budget["epochs"] == 1 and result.budget["max_steps_per_epoch"] == 2
-    assert result.off_config.train.epochs == 1 and any("aligned" in n for n in result.notes)
-    assert result.score_with_on == "query" and "query" in result.metric
-    assert result.predictor.metric_on == "test_predictor_ndcg_at_10"
-    assert result.predictor.off == result.query.off  # the off arm has no predictor to use
-    for stats in (result.headline, result.query, result.predictor):
-        assert len(stats.on) == len(stats.off) == 2
-        assert all(0 < v < 1 for v in stats.on + stats.off)
-        assert math.isfinite(stats.mean) and math.isfinite(stats.std)
-        assert stats.ci_low <= stats.mean <= stats.ci_high
-    assert result.per_seed["seed"].tolist() == [0, 1]
-    assert result.per_seed["diff"].tolist() == pytest.approx(
-        [a - b for a, b in zip(result.headline.on, result.headline.off)])
-    for arm in ("on", "off"):
-        for seed in (0, 1):
-            saved = RunConfig.from_yaml(tmp_path / "paired" / arm / f"seed_{seed}" /
-                                        "config.yaml")
-            assert saved.train.seed == seed and saved.train.max_steps_per_epoch == 2
-    saved = json.loads((tmp_path / "paired" / "paired.json").read_text())
-    assert saved["headline"]["mean"] == pytest.approx(result.mean)
-    again = paired_predictor_comparison(on, off, [0, 1], tmp_path / "paired", scifact,
-                                        scifact_features)  # reused, not retrained
-    assert again.headline.on == result.headline.on

@@ -237,3 +237,44 @@ def test_interrupt_watch_tells_tunes_sigint_from_a_normal_end(tmp_path, send_sig
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler does not outlive fit
     (result,) = list(grid)
     assert (result.metrics["i"] < steps - 1) is send_sigint
+
+
+@pytest.mark.parametrize("space", ["quick", "jepa_core", "seed_phases"])
+def test_progress_table_renders_every_switch_pattern(space):
+    """Tune's console table and best-trial line, fed trials of every switch pattern
+    ``at_least_one_on`` allows (the forced member's switch is then never suggested), never
+    look up an absent key. These two functions are what ``CLIReporter`` prints with."""
+    import itertools
+
+    from ray.tune.experiment import Trial
+    from ray.tune.progress_reporter import _best_trial_str, _trial_progress_table
+
+    from search_spaces.space import SWITCH, load_space
+    from study.launcher import progress_reporter
+
+    spec = load_space(space)
+    zero = [n for n, p in spec.parameters.items() if getattr(p, "zero", False)]
+    reporter = progress_reporter(spec)
+    columns = reporter._parameter_columns
+    trials = []
+    for pattern in itertools.product([True, False], repeat=len(zero)):
+        wanted = dict(zip(zero, pattern))
+
+        def pick(name, p, wanted=wanted):
+            if p is None:
+                return wanted[name.removesuffix(SWITCH)]
+            return p.choices[0] if p.type == "categorical" else p.low
+
+        params = spec._walk(pick)
+        trial = Trial("jepa_trial", config=params, stub=True)
+        # Tune's result carries the trial's config: the best-trial line reads it from there
+        trial.run_metadata.last_result = {"epoch": 1, "dev_ndcg_at_10": 0.5, "best_epoch": 1,
+                                          "best_dev_ndcg_at_10": 0.5, "effective_rank": 100.0,
+                                          "config": params}
+        trials.append(trial)
+        assert spec.metric in _best_trial_str(trial, spec.metric, columns)
+    # the case that crashed a study: the forced member's switch is absent
+    assert not spec.at_least_one_on or any(
+        spec.at_least_one_on[-1] + SWITCH not in t.config for t in trials)
+    table = "\n".join(_trial_progress_table(trials, reporter._metric_columns, columns))
+    assert table.count("jepa_trial_") == len(trials)

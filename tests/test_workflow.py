@@ -23,7 +23,8 @@ from trainables.config import RunConfig
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory, scifact_dir, scifact_features) -> Path:
     tmp = tmp_path_factory.mktemp("workflow")
-    space = tiny_space(tmp, "flow", num_samples=3, epochs=2)
+    space = tiny_space(tmp, "flow", num_samples=3, epochs=3,
+                       extra_base={"eval": {"score_with": "auto"}, "train": {"patience": 2}})
     summary = launch(StudyOptions(space=str(space), storage=str(tmp / "studies"),
                                   data=str(scifact_dir), verbose=0))
     if ray.is_initialized():
@@ -41,15 +42,31 @@ def test_export_then_train_reproduces_the_dev_metric(small_study, tmp_path, caps
     assert run.data.tags["jepa.trial_id"] == exported.provenance["trial_id"]
     assert Path(exported.data.path).is_absolute() and exported.train.seed == 0
 
+    # the model the study chose: trained to the trial's best dev epoch, scored as dev chose
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "dev_ndcg_at_10")
+    logged = [m.value for m in sorted(history, key=lambda m: m.step)]
+    best_epoch = logged.index(max(logged)) + 1
+    assert exported.train.stop_after_epoch == best_epoch == int(
+        exported.provenance["best_epoch"])
+    assert exported.train.patience is None and exported.provenance["patience"] == "2"
+    assert exported.eval.score_with in ("query", "predictor")
+    assert float(exported.provenance["value"]) == max(logged)
+
     out = tmp_path / "repro"
     assert main(["train", "--config", str(files[0]), "--out", str(out), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    history = MlflowClient(uri).get_metric_history(run.info.run_id, "dev_ndcg_at_10")
-    logged = [m.value for m in sorted(history, key=lambda m: m.step)]
     reproduced = [h["dev_ndcg_at_10"] for h in metrics["history"]]
-    # same seed on CPU: the same numbers, epoch by epoch (tolerance only for float printing)
-    assert reproduced == pytest.approx(logged, abs=1e-9)
+    # same seed on CPU: the same numbers, epoch by epoch (tolerance only for float printing),
+    # up to the best epoch, whose dev figure is the trial's
+    assert reproduced == pytest.approx(logged[:best_epoch], abs=1e-9)
+    assert metrics["best_dev_ndcg_at_10"] == pytest.approx(max(logged), abs=1e-9)
+    assert metrics["score_with"] == exported.eval.score_with
     assert "test_ndcg_at_10" in metrics["test"]
+    # the trial's final test figures (MLflow's last values) are its best epoch's
+    final = MlflowClient(uri).get_run(run.info.run_id).data.metrics
+    assert final["best_test_ndcg_at_10"] == pytest.approx(
+        metrics["test"]["test_ndcg_at_10"], abs=1e-9)
+    assert final["best_epoch"] == best_epoch
 
 
 def test_report_has_every_section_and_is_logged(small_study):

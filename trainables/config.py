@@ -230,6 +230,10 @@ class EvalConfig(_Strict):
     evaluate_test: bool = Field(True, description="evaluate the test split at each new best "
                                 "dev epoch, so the final test figures are the best epoch's "
                                 "(reported only: nothing is chosen by them)")
+    extra_data: list[str] = Field(
+        default_factory=list, description="other BEIR directories whose test split is scored "
+        "zero-shot at each best dev epoch, like test (transfer), logged as "
+        "test_<directory name>_<metric>")
     faiss_min_docs: int | None = Field(
         200_000, ge=1, description="search with FAISS from this corpus size up (null: never); "
         "below it one exact torch matmul is faster (benchmarks/RESULTS.md, figure 6)")

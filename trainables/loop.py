@@ -25,8 +25,10 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -259,6 +261,8 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     cached = cfg.model.freeze_base
     batches = _Batches(data, features if cached else None, device)
     n_items = len(epoch_items(pairs, cfg.train.sampling, cfg.train.seed, 1))
+    extras = [_transfer_set(path, cfg, device, progress and rank == 0)
+              for path in cfg.eval.extra_data] if cfg.eval.evaluate_test else []
 
     # -- MODEL
     base = None if cached else load_base(cfg.model.base_model, cfg.model.max_seq_length,
@@ -328,11 +332,20 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                                      cfg, "dev", select.mode_of))
             improved = select.update(epoch, metrics, model)
             if improved and cfg.eval.evaluate_test:
+                chosen = lambda _: select.best["mode"]  # noqa: E731 - dev's choice, not test's
                 test, per_query = _evaluate(model, batches, doc_emb, data, features,
-                                            splits["test"], cfg, "test",
-                                            lambda _: select.best["mode"], per_query=True)
+                                            splits["test"], cfg, "test", chosen,
+                                            per_query=True)
+                transfer = {}
+                for x in extras:  # other collections' test splits, zero-shot
+                    x_emb = _embed_docs(model, x.batches, x.data, x.features, cfg)
+                    x_test, transfer[x.name] = _evaluate(
+                        model, x.batches, x_emb, x.data, x.features, x.qrels, cfg,
+                        f"test_{x.name}", chosen, per_query=True)
+                    test.update(x_test)
                 metrics.update(test)
-                select.best.update(test=test, test_per_query=per_query)
+                select.best.update(test=test, test_per_query=per_query,
+                                   transfer_per_query=transfer)
             metrics.update(select.summary())
             metrics["epoch_time_s"] = time.perf_counter() - t0
             reason = select.end_reason(epoch, cfg)
@@ -366,10 +379,37 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                       final=best["metrics"])
         if "test" in best:
             result.update(test=best["test"], test_per_query=best["test_per_query"])
+            if best.get("transfer_per_query"):
+                result["transfer_per_query"] = best["transfer_per_query"]
     if rank == 0:
         cfg.to_yaml(out_dir / "config.yaml")
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+@dataclass
+class _TransferSet:
+    """Another collection's test split, scored zero-shot at each best epoch."""
+
+    name: str
+    data: BeirData
+    qrels: dict[str, dict[str, int]]
+    features: FeatureTables | None
+    batches: _Batches
+
+
+def _transfer_set(path: str, cfg: RunConfig, device: torch.device,
+                  progress: bool) -> _TransferSet:
+    """Loads ``path``'s test split (and, for a frozen base, its cached features)."""
+    data = load_beir(resolve_data_dir(path), splits=[cfg.data.test_split])
+    qrels = {q: docs for q, docs in data.split(cfg.data.test_split).items()
+             if any(rel > 0 for rel in docs.values())}
+    features = None
+    if cfg.model.freeze_base:
+        features = load_or_compute(data, cfg.model.base_model, cfg.model.max_seq_length,
+                                   progress=progress, device=str(device)).to(device)
+    name = re.sub(r"[^A-Za-z0-9]+", "_", data.root.name).strip("_").lower() or "extra"
+    return _TransferSet(name, data, qrels, features, _Batches(data, features, device))
 
 
 class _Selection:

@@ -1,0 +1,94 @@
+"""The two arms of the predictor question, derived from one space.
+
+``jepa-study answer`` runs two studies per dataset over the same space, at the same number of
+trials and under the same budget rules, that differ only in the predictive term:
+
+* ``jepa``: L_pred always on (its weight searched); the predictor's knobs searched.
+* ``contrastive``: λ_pred fixed at 0, L_con always on. The predictor's shape knobs (depth,
+  width, dropout, residual) shape an optional query-side head instead (``model.query_head``,
+  searched), so that the tuned contrastive encoder can buy the same extra query-side
+  capacity the JEPA model's predictor gives it; stop-gradient, meaningless without L_pred,
+  is dropped.
+
+Both arms keep everything else of the space: ranges, searcher, scheduler, budget, start
+points (with the other arm's parameters left out).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from search_spaces.space import SWITCH
+
+PRED = "loss.lambda_pred"
+CON = "loss.lambda_con"
+HEAD = "model.query_head"
+ARMS = ("jepa", "contrastive")
+#: predictor knobs that do not shape a query head (only L_pred gives them a meaning)
+_PRED_ONLY = {"loss.stopgrad"}
+
+
+def arm_space(raw: dict[str, Any], arm: str) -> dict[str, Any]:
+    """The raw space of one arm (see the module docstring); validate it with
+    ``SpaceSpec.from_dict``.
+
+    Raises:
+        ValueError: An unknown arm, or a space that does not search ``loss.lambda_pred``.
+    """
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r} (valid: {list(ARMS)})")
+    params: dict[str, Any] = raw.get("parameters") or {}
+    if PRED not in params:
+        raise ValueError(f"the space does not search {PRED}: it has no arms to compare")
+    out = copy.deepcopy(raw)
+    out["name"] = f"{raw.get('name', 'space')}-{arm}"
+    out.pop("at_least_one_on", None)  # L_pred (jepa) or L_con (contrastive) is always on
+    always_on = PRED if arm == "jepa" else CON
+    new: dict[str, Any] = {}
+    for name, spec in params.items():
+        spec = copy.deepcopy(spec)
+        when = spec.get("when", {})
+        if when.get(always_on + SWITCH) is False:
+            continue  # only suggested while the always-on term is off: never
+        follows_pred = when.get(PRED + SWITCH) is True
+        spec["when"] = {k: v for k, v in when.items() if k != always_on + SWITCH}
+        if name == always_on:
+            spec.pop("zero", None)
+        if arm == "contrastive":
+            if name == PRED:
+                new[HEAD] = {"type": "categorical", "choices": [False, True]}
+                continue
+            if follows_pred:
+                if name in _PRED_ONLY:
+                    continue
+                spec["when"] = {**{k: v for k, v in spec["when"].items()
+                                   if k != PRED + SWITCH}, HEAD: True}
+        if not spec["when"]:
+            spec.pop("when")
+        new[name] = spec
+    out["parameters"] = new
+    base = out.setdefault("base", {})
+    if arm == "contrastive":
+        base.setdefault("loss", {})["lambda_pred"] = 0.0
+        base["loss"].setdefault("lambda_con", 1.0)  # searched; a valid base needs a term
+        base.setdefault("model", {}).pop("query_head", None)
+    out["points_to_evaluate"] = [_arm_point(p, arm, new) for p in
+                                 raw.get("points_to_evaluate") or []]
+    out["description"] = (f"{ARM_TITLES[arm]} arm of {raw.get('name', 'the space')}: "
+                          + str(raw.get("description", "")))
+    return out
+
+
+ARM_TITLES = {"jepa": "JEPA (L_pred on)", "contrastive": "contrastive (λ_pred = 0)"}
+
+
+def _arm_point(point: Any, arm: str, params: dict[str, Any]) -> Any:
+    """A start point of the space for one arm: the arm's parameters only."""
+    if not isinstance(point, dict):
+        return point  # a preset: its values of the arm's parameters are taken at load
+    out = {k: v for k, v in point.items() if k in params}
+    if arm == "contrastive" and HEAD in params:
+        out[HEAD] = False
+        out = {k: v for k, v in out.items() if not params[k].get("when", {}).get(HEAD)}
+    return out

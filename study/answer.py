@@ -1,0 +1,429 @@
+"""``jepa-study answer``: does the JEPA predictor help retrieval? Controlled, powered, per query.
+
+Per dataset (any BEIR directory):
+
+1. **Arms at equal effort.** Two studies over the same space (``search_spaces.arms``): the
+   JEPA arm (L_pred on, its weight and the predictor searched) and the contrastive arm
+   (λ_pred fixed at 0, an optional query head of the predictor's shape searched instead),
+   with the same number of trials, the same searcher and the same budget rules (epochs,
+   patience, ASHA). Each picks its best config on dev (``analysis.export``: its best dev
+   epoch and the scoring dev chose).
+2. **Controls around the best JEPA config J**, each retrained over the same fresh seeds
+   (none equal to the search seed) under the space's budget rules (best dev epoch, patience):
+   J itself; J with λ_pred = 0; J with λ_pred = 0 and a query-side head of the predictor's
+   exact shape (the capacity-matched control); the contrastive arm's best config. J's runs
+   are also scored both ways (predictor vs query). Every run also scores the other datasets'
+   test splits zero-shot (transfer). Zero-shot base and BM25 are reference rows.
+3. **Statistics** (``analysis.answer``, ``analysis.stats``): per comparison the mean
+   difference, a two-level bootstrap interval, paired t and permutation tests over queries,
+   Holm across the comparisons.
+
+Everything is resumable: a finished study or run is reused, an interrupted study resumed. The
+answer directory holds the arms' studies (each a normal study directory), every retrained run
+(``metrics.json`` with per-query figures), ``answer.json``, ``answer.html`` and ``answer.md``;
+one MLflow store holds the studies' experiments and the answer's own (parent run with the
+report, a child run per retrained run with its per-query figures as an artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from analysis import schema as S
+from search_spaces.arms import ARMS, arm_space
+from search_spaces.space import load_space, space_file
+from study.launcher import StudyError, StudyOptions
+
+log = logging.getLogger(__name__)
+
+#: seeds of the retrained runs: fresh, none is a search seed (every trial trains with seed 0)
+DEFAULT_SEEDS = (1, 2, 3, 4, 5)
+SEARCH_SEED = 0
+
+
+@dataclass
+class AnswerOptions:
+    """What ``jepa-study answer`` was asked for; saved in ``answer_options.json``."""
+
+    data: list[str]
+    space: str = "jepa_core"
+    num_samples: int | None = None  #: trials per arm and dataset (default: the space's)
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    name: str = "answer"
+    storage: str = "answers"
+    address: str | None = None
+    mlflow_uri: str | None = None
+    max_concurrent_trials: int | None = None
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise StudyError("answer: give at least one --data directory")
+        if len(set(self.seeds)) < 2:
+            raise StudyError(f"answer: need two or more distinct seeds, got {self.seeds}")
+        if SEARCH_SEED in self.seeds:
+            raise StudyError(f"answer: seed {SEARCH_SEED} is the search seed; the retrained "
+                             "runs need fresh ones")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise StudyError("answer: --num-samples must be at least 1")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise StudyError(f"answer: --name {self.name!r}: letters, digits, '_', '.', '-'")
+
+
+def dataset_name(path: str | Path) -> str:
+    """A dataset's short name: its directory's name (``.../scifact`` -> ``scifact``)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", Path(path).resolve().name).strip("_").lower()
+
+
+def answer(opts: AnswerOptions) -> dict[str, Any]:
+    """Runs (or resumes) the whole answer; returns where its outputs are and the verdicts."""
+    from trainables.data import load_beir, resolve_data_dir
+
+    started = time.time()
+    root = Path(opts.storage).expanduser().resolve() / opts.name
+    root.mkdir(parents=True, exist_ok=True)
+    data_dirs = [resolve_data_dir(d) for d in opts.data]
+    names = [dataset_name(d) for d in data_dirs]
+    if len(set(names)) < len(names):
+        raise StudyError(f"answer: two --data directories share a name: {names}")
+    load_space(opts.space)  # the space is validated before anything runs
+    raw_space = yaml.safe_load(space_file(opts.space).read_text())
+    for d in data_dirs:
+        load_beir(d)  # a bad dataset fails now, not after an hour of studies
+    uri = opts.mlflow_uri or f"sqlite:///{root / 'mlflow.db'}"
+    (root / "answer_options.json").write_text(json.dumps(asdict(opts), indent=1))
+    # seconds each phase worked, summed over the invocations that ran it (a resumed answer
+    # adds what it does; what it reuses costs nothing)
+    timing_file = root / "timings.json"
+    timings: dict[str, float] = (json.loads(timing_file.read_text())
+                                 if timing_file.exists() else {})
+    chosen: dict[str, dict[str, Any]] = {}
+    for data_dir, ds in zip(data_dirs, names):
+        for arm in ARMS:
+            t0 = time.time()
+            chosen.setdefault(ds, {})[arm] = _arm_study(root, ds, arm, data_dir, raw_space,
+                                                        opts, uri)
+            if chosen[ds][arm]["ran"]:
+                key = f"study {ds} {arm}"
+                timings[key] = timings.get(key, 0.0) + time.time() - t0
+            timing_file.write_text(json.dumps(timings, indent=1))
+    jobs = []
+    for data_dir, ds in zip(data_dirs, names):
+        others = [str(d) for d, n in zip(data_dirs, names) if n != ds]
+        for system, cfg in systems(chosen[ds]["jepa"]["config"],
+                                   chosen[ds]["contrastive"]["config"]).items():
+            for seed in opts.seeds:
+                run_cfg = retrain_config(cfg, seed, chosen[ds]["jepa"]["patience"], others,
+                                         name=f"{ds}-{system}-seed{seed}")
+                jobs.append((ds, system, seed, run_cfg,
+                             root / ds / "runs" / system / f"seed_{seed}"))
+    t0 = time.time()
+    results, trained = _retrain(jobs, opts)
+    if trained:
+        timings["retrained runs"] = timings.get("retrained runs", 0.0) + time.time() - t0
+    t0 = time.time()
+    references = {ds: _references(d, chosen[ds]["jepa"]["config"])
+                  for d, ds in zip(data_dirs, names)}
+    timings["reference rows (zero-shot, BM25)"] = time.time() - t0
+    timing_file.write_text(json.dumps(timings, indent=1))
+    measured = _measured(names, jobs, results, references, chosen, opts, timings)
+    return _write(root, measured, uri, opts, jobs, results, timings, started)
+
+
+# -- 1. the arms' studies --------------------------------------------------------------------
+
+def _arm_study(root: Path, ds: str, arm: str, data_dir: Path, raw_space: dict[str, Any],
+               opts: AnswerOptions, uri: str) -> dict[str, Any]:
+    """Runs (or resumes, or reuses) one arm's study; returns its best config as chosen."""
+    from analysis.export import export_configs
+    from study.launcher import launch, resume
+    from trainables.config import RunConfig
+
+    raw = arm_space(raw_space, arm)
+    if opts.num_samples is not None:
+        raw["num_samples"] = opts.num_samples
+    if opts.max_concurrent_trials is not None:
+        raw["max_concurrent_trials"] = opts.max_concurrent_trials
+    arm_file = root / ds / f"{arm}.yaml"
+    arm_file.parent.mkdir(parents=True, exist_ok=True)
+    arm_file.write_text(f"# the {arm} arm of {opts.space}, written by jepa-study answer\n"
+                        + yaml.safe_dump(raw, sort_keys=False))
+    name = f"{ds}-{arm}"
+    storage = root / ds / "studies"
+    study_dir = storage / name
+    ran = not (study_dir / "summary.json").exists()
+    if ran:
+        if (study_dir / "study.json").exists():
+            log.info("answer: resuming the %s arm's study on %s", arm, ds)
+            resume(study_dir)
+        else:
+            log.info("answer: the %s arm's study on %s", arm, ds)
+            launch(StudyOptions(space=str(arm_file), data=str(data_dir), name=name,
+                                storage=str(storage), address=opts.address, mlflow_uri=uri,
+                                max_concurrent_trials=opts.max_concurrent_trials,
+                                verbose=opts.verbose))
+    best_dir = root / ds / "best"
+    shutil.rmtree(best_dir / arm, ignore_errors=True)
+    path = export_configs(uri, name, best_dir / arm, top=1)[0]
+    cfg = RunConfig.from_yaml(path)
+    trials = json.loads((study_dir / "summary.json").read_text())
+    return {"config": cfg, "study": name, "study_dir": str(study_dir), "exported": str(path),
+            "trials": trials.get("trials"), "errored": trials.get("errored"),
+            "best_dev": float(cfg.provenance.get("value", "nan")),
+            "best_epoch": cfg.provenance.get("best_epoch"),
+            "scoring": cfg.eval.score_with, "trial_id": cfg.provenance.get("trial_id"),
+            "patience": _patience(cfg), "wall_s": trials.get("wall_s"), "ran": ran}
+
+
+def _patience(cfg) -> int | None:
+    """The trial's patience, which export replaced by its best epoch (provenance keeps it)."""
+    text = cfg.provenance.get("patience", "None")
+    return None if text in ("None", "") else int(text)
+
+
+# -- 2. the systems and their retrained runs ---------------------------------------------------
+
+def systems(jepa, contrastive) -> dict[str, Any]:
+    """The configs retrained over seeds: J, the tuned contrastive config, and J's controls.
+
+    ``capacity`` and ``no_pred`` are J with λ_pred = 0 in every phase (``capacity`` with a
+    query head of the predictor's shape), scored with the query; one that leaves nothing to
+    train (J had only L_pred) is left out with a warning.
+    """
+    from trainables.config import ConfigError, RunConfig
+
+    out = {"jepa": jepa, "contrastive": contrastive}
+    for name, head in (("capacity", True), ("no_pred", False)):
+        raw = jepa.to_dict()
+        raw["loss"]["lambda_pred"] = 0.0
+        for phase in raw["train"]["phases"]:
+            phase["loss"].pop("lambda_pred", None)
+        raw["model"]["query_head"] = head
+        raw["eval"]["score_with"] = "query"
+        try:
+            out[name] = RunConfig.from_dict(raw, f"control {name}")
+        except ConfigError as exc:
+            log.warning("answer: no %s control: %s", name, exc)
+    return out
+
+
+def retrain_config(cfg, seed: int, patience: int | None, extra_data: list[str], name: str):
+    """``cfg`` retrained under the study's budget rules with a fresh seed: the whole schedule
+    with the space's patience (not the search run's best epoch), test and transfer scored."""
+    return cfg.with_overrides({"train.seed": seed, "train.stop_after_epoch": None,
+                               "train.patience": patience, "eval.evaluate_test": True,
+                               "eval.extra_data": extra_data, "name": name}, "answer")
+
+
+def _retrain(jobs: list[tuple], opts: AnswerOptions) -> tuple[list[dict[str, Any]], int]:
+    """Trains every job (Ray tasks, one CPU each), reusing runs already finished; returns
+    every job's summary and how many were trained now."""
+    import ray
+
+    from study.launcher import _init_ray
+
+    results: list[dict[str, Any] | None] = [_finished(cfg, out) for *_, cfg, out in jobs]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        _init_ray(StudyOptions(address=opts.address, verbose=opts.verbose))
+        try:
+            task = ray.remote(num_cpus=1, max_retries=2)(_train_one)
+            refs = {i: task.remote(jobs[i][3].to_dict(), str(jobs[i][4])) for i in todo}
+            for i, ref in refs.items():
+                results[i] = ray.get(ref)
+        finally:
+            ray.shutdown()
+    return results, len(todo)  # type: ignore[return-value]
+
+
+def _train_one(cfg_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """One retrained run (a Ray task): train, then its summary with per-query figures."""
+    import torch
+
+    from trainables.config import RunConfig
+    from trainables.loop import train
+
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_dict(cfg_dict, "answer run")
+    return _summary(train(cfg, out_dir=Path(out_dir), progress=False))
+
+
+def _finished(cfg, out_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly ``cfg`` in ``out_dir``, else None."""
+    from trainables.config import RunConfig
+
+    if not (out_dir / "metrics.json").exists() or not (out_dir / "config.yaml").exists():
+        return None
+    if RunConfig.from_yaml(out_dir / "config.yaml") != cfg:
+        raise StudyError(f"{out_dir} holds a run of another config: remove it or use "
+                         "another --name")
+    return _summary(json.loads((out_dir / "metrics.json").read_text()))
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result.get(k) for k in ("best_epoch", "best_dev_ndcg_at_10", "score_with",
+                                       "end_reason", "test", "test_per_query",
+                                       "transfer_per_query")}
+
+
+def _references(data_dir: Path, cfg) -> dict[str, dict[str, float]]:
+    """Zero-shot base and BM25 on the dataset's test split: per-query nDCG@10."""
+    from trainables.bm25 import bm25_metrics
+    from trainables.data import load_beir, make_splits
+    from trainables.loop import zero_shot
+
+    data = load_beir(data_dir)
+    cfg = cfg.with_overrides({"data.path": str(data_dir)}, "reference")
+    _, zs = zero_shot(cfg, "test", data=data, per_query=True)
+    qrels = make_splits(data, train=cfg.data.train_split, dev=cfg.data.dev_split,
+                        test=cfg.data.test_split, dev_fraction=cfg.data.dev_fraction,
+                        seed=cfg.data.split_seed)["test"]
+    _, bm25 = bm25_metrics(data, qrels)
+    return {"zero_shot": zs, "bm25": bm25["ndcg_at_10"]}
+
+
+# -- 3. the table ------------------------------------------------------------------------------
+
+def _measured(names, jobs, results, references, chosen, opts, timings):
+    from analysis.answer import Measured, Run, System
+
+    measured = []
+    for ds in names:
+        found: dict[str, System] = {}
+        for (d, system, seed, cfg, _), res in zip(jobs, results):
+            if d != ds:
+                continue
+            s = found.setdefault(system, System(system, cfg.eval.score_with, []))
+            s.runs.append(Run(seed, res["best_dev_ndcg_at_10"], res["best_epoch"],
+                              res["test_per_query"], res.get("transfer_per_query") or {}))
+        arms = chosen[ds]
+        design = {
+            "space": opts.space, "trials per arm": arms["jepa"]["trials"],
+            "budget": _budget(arms["jepa"]["config"], arms["jepa"]["patience"]),
+            "seeds (fresh; the search used seed 0)": list(opts.seeds),
+            **{f"{arm} arm": (f"study {a['study']}: {a['trials']} trials "
+                              f"({a['errored']} errored); best trial {a['trial_id']}, dev "
+                              f"nDCG@10 {a['best_dev']:.4f} at epoch {a['best_epoch']}, "
+                              f"scored with the {a['scoring']}") for arm, a in arms.items()},
+            "J": _describe(arms["jepa"]["config"]),
+            **{f"no {system} control": "J has no term left without L_pred"
+               for system in ("capacity", "no_pred") if system not in found},
+            "tuned contrastive": _describe(arms["contrastive"]["config"]),
+        }
+        measured.append(Measured(ds, found, references[ds], design))
+    return measured
+
+
+def _budget(cfg, patience) -> str:
+    return (f"up to {cfg.train.total_epochs} epochs ({cfg.train.sampling} an epoch), "
+            f"patience {patience}, best dev epoch kept")
+
+
+def _describe(cfg) -> str:
+    m, l, t = cfg.model, cfg.loss, cfg.train
+    return (f"λ_pred {l.lambda_pred:.3g}, λ_con {l.lambda_con:.3g} ({l.contrastive}), "
+            f"λ_iso {l.lambda_iso:.3g} ({l.isotropy}), λ_reg {l.lambda_reg:.3g}; predictor "
+            f"depth {m.predictor.depth} x{m.predictor.hidden_mult:g} "
+            f"{'residual' if m.predictor.residual else 'plain'}, stopgrad {l.stopgrad}; "
+            f"{m.variant}, {m.projection} projection, {m.output_dim}-d, {m.similarity}; lr "
+            f"{t.lr:.3g}, batch {t.batch_size}, hard negatives {t.hard_negatives}; scored "
+            f"with the {cfg.eval.score_with}")
+
+
+def _write(root: Path, measured, uri: str, opts: AnswerOptions, jobs, results,
+           timings: dict[str, float], started: float) -> dict[str, Any]:
+    from analysis.answer import answer_dict, dumps, html_report, markdown
+
+    result = answer_dict(measured)
+    result["timings_s"] = {**{k: round(v, 1) for k, v in timings.items()},
+                           "total (sum of the phases)": round(sum(timings.values()), 1),
+                           "this invocation": round(time.time() - started, 1)}
+    result["command"] = command_line(opts)
+    paths = {"json": root / "answer.json", "html": root / "answer.html",
+             "md": root / "answer.md"}
+    paths["json"].write_text(dumps(result))
+    md = markdown(result) + "\n## Time\n\n" + "\n".join(
+        f"- {k}: {v:.0f} s" for k, v in result["timings_s"].items()) + "\n"
+    paths["md"].write_text(md)
+    paths["html"].write_text(html_report({**result}, f"The answer: {opts.name}"))
+    _log_mlflow(uri, opts.name, paths, jobs, results, result)
+    return {"answer_dir": str(root), **{k: str(v) for k, v in paths.items()},
+            "mlflow_uri": uri, "verdicts": result["verdicts"],
+            "timings_s": result["timings_s"]}
+
+
+def command_line(opts: AnswerOptions) -> str:
+    """The ``jepa-study answer`` command that makes these options."""
+    parts = ["jepa-study answer"] + [f"--data {d}" for d in opts.data]
+    if opts.space != "jepa_core":
+        parts.append(f"--space {opts.space}")
+    if opts.num_samples is not None:
+        parts.append(f"--num-samples {opts.num_samples}")
+    if list(opts.seeds) != list(DEFAULT_SEEDS):
+        parts.append("--seeds " + " ".join(str(s) for s in opts.seeds))
+    if opts.name != "answer":
+        parts.append(f"--name {opts.name}")
+    if opts.storage != "answers":
+        parts.append(f"--storage {opts.storage}")
+    return " ".join(parts)
+
+
+def _log_mlflow(uri: str, name: str, paths: dict[str, Path], jobs, results,
+                result: dict[str, Any]) -> None:
+    """The answer's MLflow record: a parent run (report, table, verdicts) and a child run per
+    retrained run (its test figures, and its per-query figures as an artifact). Idempotent:
+    runs are found again by their tags."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_name = S.experiment_name(name)
+    exp = client.get_experiment_by_name(exp_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        exp_name, artifact_location=S.local_artifact_location(uri, exp_name))
+    parent = _get_or_create(client, exp_id, {S.TAG_ROLE: S.ROLE_ANSWER, S.TAG_STUDY: name},
+                            name)
+    for path in paths.values():
+        client.log_artifact(parent, str(path), S.ARTIFACT_ANSWER)
+    for i, row in enumerate(result["comparisons"]["in_domain"]):
+        key = S.mlflow_key(f"{row['dataset']}.{row['comparison']}")
+        client.log_metric(parent, f"{key}.diff_points", row["diff_points"])
+        client.log_metric(parent, f"{key}.p_permutation_holm", row["p_permutation_holm"])
+    client.set_terminated(parent, S.STATUS_FINISHED)
+    for (ds, system, seed, cfg, out_dir), res in zip(jobs, results):
+        tags = {S.TAG_ROLE: S.ROLE_RETRAIN, S.TAG_STUDY: name, S.TAG_PARENT_RUN_ID: parent,
+                S.TAG_ANSWER_RUN: f"{ds}/{system}/{seed}"}
+        run = _get_or_create(client, exp_id, tags, f"{ds}-{system}-seed{seed}")
+        if client.get_run(run).info.status == S.STATUS_FINISHED:
+            continue
+        for k, v in {"dataset": ds, "system": system, "seed": seed,
+                     "score_with": cfg.eval.score_with}.items():
+            client.log_param(run, k, v)
+        for k, v in (res.get("test") or {}).items():
+            if isinstance(v, (int, float)):
+                client.log_metric(run, S.mlflow_key(k), float(v))
+        client.log_metric(run, "best_dev_ndcg_at_10", float(res["best_dev_ndcg_at_10"]))
+        client.log_metric(run, "best_epoch", float(res["best_epoch"]))
+        per_query = out_dir / S.ARTIFACT_PER_QUERY
+        per_query.write_text(json.dumps({"test": res["test_per_query"],
+                                         "transfer": res.get("transfer_per_query") or {}}))
+        client.log_artifact(run, str(per_query))
+        client.log_text(run, cfg.to_yaml(), S.ARTIFACT_CONFIG)
+        client.set_terminated(run, S.STATUS_FINISHED)
+
+
+def _get_or_create(client, exp_id: str, tags: dict[str, str], run_name: str) -> str:
+    filt = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = client.search_runs([exp_id], filt, max_results=1)
+    if found:
+        return found[0].info.run_id
+    return client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
+
