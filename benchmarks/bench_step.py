@@ -2,7 +2,7 @@
 
 Both sides train the same unfrozen all-MiniLM-L6-v2 (``--max-len`` tokens) on the same
 (query, positive document) batches of SciFact's train qrels, in the order the loop's
-``epoch_order`` gives, ``--batch-size`` pairs a step, ``--steps`` timed steps after
+``EpochSampler`` gives, ``--batch-size`` pairs a step, ``--steps`` timed steps after
 ``--warmup`` untimed ones, alternating sides repetition by repetition (target: ours >= 1.0x).
 
 * ours: ``trainables.loop._train_epoch`` itself (the loop's step: text lookup, tokenisation,
@@ -64,6 +64,9 @@ class Ours:
                              test=cfg.data.test_split, dev_fraction=cfg.data.dev_fraction,
                              seed=cfg.data.split_seed)
         self.pairs = loop.training_pairs(splits["train"])
+        self.sampler = loop.EpochSampler(self.pairs, cfg.train.sampling, cfg.train.seed)
+        self.relevant = {q: {d for d, rel in docs.items() if rel > 0}
+                         for q, docs in splits["train"].items()}
         cached = cfg.model.freeze_base
         if cached and pinned:
             self.batches = _StagedBatches(data, features, device)
@@ -80,18 +83,22 @@ class Ours:
         self.amp = loop.autocast_device(cfg, device)
         self.step = 0
 
+    def items(self, epoch: int) -> list[tuple[str, str]]:
+        """The (query, doc) id pairs of ``epoch`` in training order, as the loop takes them."""
+        return self.sampler.items(epoch)
+
     def batch_ids(self, epoch: int, steps: int) -> list[list[tuple[str, str]]]:
         """The (query, doc) id pairs of the first ``steps`` batches of ``epoch``."""
-        order = self.loop.epoch_order(len(self.pairs), self.cfg.train.seed, epoch)
-        bs = self.cfg.train.batch_size
-        return [[self.pairs[j] for j in order[i * bs:(i + 1) * bs]] for i in range(steps)]
+        items, bs = self.items(epoch), self.cfg.train.batch_size
+        return [items[i * bs:(i + 1) * bs] for i in range(steps)]
 
     def run(self, epoch: int, steps: int) -> None:
         cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(
             update={"max_steps_per_epoch": steps})})
         _, self.step = self.loop._train_epoch(
             self.model, self.model, self.criterion, self.optimizer, self.scheduler,
-            self.batches, self.pairs, None, cfg, epoch, self.step, 0, 1, self.amp, False)
+            self.batches, self.items(epoch), self.relevant, None, cfg, epoch, self.step, 0, 1,
+            self.amp, False)
 
 
 class _StagedBatches:

@@ -16,7 +16,7 @@ import torch
 from trainables.config import RunConfig
 from trainables.data import make_splits
 from trainables.evaluate import evaluate_model
-from trainables.loop import (TrainingDiverged, checkpoint_dirs, epoch_items,
+from trainables.loop import (EpochSampler, TrainingDiverged, checkpoint_dirs,
                              latest_valid_checkpoint, train, training_pairs, zero_shot)
 from trainables.model import JEPAModel
 
@@ -277,15 +277,15 @@ def test_auto_scoring_without_a_trained_predictor_scores_with_the_query(
 def test_an_epoch_of_queries_draws_one_positive_per_query(scifact):
     train_qrels = make_splits(scifact)["train"]
     pairs = training_pairs(train_qrels)
-    assert epoch_items(pairs, "pairs", 0, 1) != epoch_items(pairs, "pairs", 0, 2)
-    assert sorted(epoch_items(pairs, "pairs", 0, 1)) == pairs
-    items = epoch_items(pairs, "queries", 0, 1)
+    by_pair, by_query = EpochSampler(pairs, "pairs", 0), EpochSampler(pairs, "queries", 0)
+    assert by_pair.items(1) != by_pair.items(2) and sorted(by_pair.items(1)) == pairs
+    assert len(by_pair) == len(pairs) and len(by_query) == len(train_qrels) < len(pairs)
+    items = by_query.items(1)
     assert sorted(q for q, _ in items) == sorted(train_qrels)  # every query once
     assert all(train_qrels[q][d] > 0 for q, d in items)
-    assert items == epoch_items(pairs, "queries", 0, 1)  # seeded
+    assert items == EpochSampler(pairs, "queries", 0).items(1)  # seeded
     several = [q for q in train_qrels if len(train_qrels[q]) > 1]
-    drawn = {q: {dict(epoch_items(pairs, "queries", 0, e))[q] for e in range(1, 30)}
-             for q in several[:5]}
+    drawn = {q: {dict(by_query.items(e))[q] for e in range(1, 30)} for q in several[:5]}
     assert any(len(docs) > 1 for docs in drawn.values())  # other positives over epochs
     with pytest.raises(ValueError, match="sampling"):
-        epoch_items(pairs, "docs", 0, 1)
+        EpochSampler(pairs, "docs", 0)
