@@ -160,8 +160,10 @@ def _std(values: list[float]) -> float:
 
 
 def verdicts(rows: list[dict[str, Any]], alpha: float = 0.05) -> list[str]:
-    """One sentence per comparison: better / worse / no detectable difference, with the
-    interval and the corrected p-value, whatever the sign."""
+    """One sentence per comparison, whatever the sign. The word (better / worse / no
+    difference) follows the two-level bootstrap interval, which counts both the seeds and
+    the queries as samples (the question "is this recipe better"); the tests over queries,
+    which hold the trained models fixed, follow with their Holm-corrected p-values."""
     out = []
     for r in rows:
         low, high = r["ci_low_points"], r["ci_high_points"]
@@ -172,12 +174,12 @@ def verdicts(rows: list[dict[str, Any]], alpha: float = 0.05) -> list[str]:
             word = "worse"
         else:
             word = "no difference the interval can tell"
-        out.append(f"{where}: {r['comparison']}: {word}: {r['diff_points']:+.2f} nDCG points "
-                   f"[{low:+.2f}, {high:+.2f}] (95 % two-level bootstrap), permutation p "
-                   f"{r['p_permutation']:.3g} (Holm {r['p_permutation_holm']:.3g}), paired t p "
-                   f"{r['p_t']:.3g} (Holm {r['p_t_holm']:.3g}); "
-                   f"{'significant' if r['p_permutation_holm'] < alpha else 'not significant'} "
-                   f"over queries at {alpha} after Holm")
+        tests = "reject" if r["p_permutation_holm"] < alpha else "do not reject"
+        out.append(f"{where}: {r['comparison']}: {word}: {r['diff_points']:+.2f} nDCG points, "
+                   f"95 % interval over seeds and queries [{low:+.2f}, {high:+.2f}]; over "
+                   f"queries (these trained models), permutation p {r['p_permutation']:.3g} "
+                   f"(Holm {r['p_permutation_holm']:.3g}) and paired t p {r['p_t']:.3g} "
+                   f"(Holm {r['p_t_holm']:.3g}): the tests {tests} at {alpha} after Holm")
     return out
 
 

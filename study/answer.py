@@ -330,13 +330,20 @@ def _budget(cfg, patience) -> str:
 
 def _describe(cfg) -> str:
     m, l, t = cfg.model, cfg.loss, cfg.train
-    return (f"λ_pred {l.lambda_pred:.3g}, λ_con {l.lambda_con:.3g} ({l.contrastive}), "
-            f"λ_iso {l.lambda_iso:.3g} ({l.isotropy}), λ_reg {l.lambda_reg:.3g}; predictor "
-            f"depth {m.predictor.depth} x{m.predictor.hidden_mult:g} "
-            f"{'residual' if m.predictor.residual else 'plain'}, stopgrad {l.stopgrad}; "
-            f"{m.variant}, {m.projection} projection, {m.output_dim}-d, {m.similarity}; lr "
-            f"{t.lr:.3g}, batch {t.batch_size}, hard negatives {t.hard_negatives}; scored "
-            f"with the {cfg.eval.score_with}")
+    shape = (f"depth {m.predictor.depth} x{m.predictor.hidden_mult:g} "
+             f"{'residual' if m.predictor.residual else 'plain'}")
+    heads = ([f"predictor {shape}, stopgrad {l.stopgrad}"] if cfg.trains_predictor else []) \
+        + ([f"query head {shape}"] if m.query_head else [])
+    contrastive = (f" ({l.contrastive}, " + (f"temperature {l.temperature:.3g})"
+                                             if l.contrastive == "infonce"
+                                             else f"margin {l.margin:.3g})")
+                   if l.lambda_con > 0 else "")
+    return (f"λ_pred {l.lambda_pred:.3g}, λ_con {l.lambda_con:.3g}{contrastive}, "
+            f"λ_iso {l.lambda_iso:.3g} ({l.isotropy}), λ_reg {l.lambda_reg:.3g}; "
+            f"{'; '.join(heads) or 'no predictor'}; {m.variant}, {m.projection} projection, "
+            f"{m.output_dim}-d, {m.similarity}; lr {t.lr:.3g}, weight decay "
+            f"{t.weight_decay:.3g}, batch {t.batch_size}, hard negatives {t.hard_negatives}; "
+            f"scored with the {cfg.eval.score_with}")
 
 
 def _write(root: Path, measured, uri: str, opts: AnswerOptions, jobs, results,

@@ -136,7 +136,10 @@ def test_comparisons_have_known_answers():
     for r in rows.values():
         assert r["p_permutation_holm"] >= r["p_permutation"]
     result = answer_dict([measured], n_boot=500, n_resamples=500)
-    assert any("better: +5.00 nDCG points" in v for v in result["verdicts"])
+    assert any("better: +5.00 nDCG points" in v and "the tests reject" in v
+               for v in result["verdicts"])
+    assert any("no difference the interval can tell: +0.00" in v and "do not reject" in v
+               for v in result["verdicts"])
     text = markdown(result)
     assert text.index("## Dev figures") < text.index("## Test figures")  # test: last
     assert "| toy | bm25 |" in text
