@@ -117,3 +117,12 @@ def test_evaluate_model_searches_both_query_sets_and_skips_diagnostics_on_reques
                           doc_emb=docs, qrels=qrels, similarity="cosine", diagnostics=False)
     assert "effective_rank" not in lean
     assert lean["query_ndcg_at_10"] == out["query_ndcg_at_10"]
+
+
+def test_mrr_at_10_cuts_at_rank_ten():
+    from trainables.evaluate import per_query_metrics
+
+    ranked = {f"d{i:02d}": 1.0 - i / 100 for i in range(1, 31)}  # d01 ranks first
+    qrels = {"at10": {"d10": 1}, "at11": {"d11": 1}, "at1": {"d01": 2}}
+    out = per_query_metrics({q: ranked for q in qrels}, qrels)["mrr_at_10"]
+    assert out == pytest.approx({"at10": 0.1, "at11": 0.0, "at1": 1.0})

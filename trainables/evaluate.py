@@ -114,16 +114,18 @@ def per_query_metrics(run: Mapping[str, Mapping[str, float]],
     judged = {q: dict(docs) for q, docs in qrels.items() if q in run}
     if not judged:
         raise ValueError("no query of the qrels appears in the run")
-    evaluator = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10", "recall.100"})
+    evaluator = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10", "recall.100",
+                                                        "recip_rank"})
     scored = evaluator.evaluate({q: dict(run[q]) for q in judged})
-    top10 = {q: dict(sorted(run[q].items(), key=lambda kv: (-kv[1], kv[0]))[:10])
-             for q in judged}
-    rr = pytrec_eval.RelevanceEvaluator(judged, {"recip_rank"}).evaluate(top10)
     zero = {"ndcg_cut_10": 0.0, "recall_100": 0.0, "recip_rank": 0.0}
+    rows = {q: scored.get(q, zero) for q in judged}
+    # MRR@10: the reciprocal rank of the first relevant document when it ranks in the top 10
+    # (1/rank >= 1/10), in trec_eval's own order of the whole run, else 0
     return {
-        "ndcg_at_10": {q: scored.get(q, zero)["ndcg_cut_10"] for q in judged},
-        "recall_at_100": {q: scored.get(q, zero)["recall_100"] for q in judged},
-        "mrr_at_10": {q: rr.get(q, zero)["recip_rank"] for q in judged},
+        "ndcg_at_10": {q: r["ndcg_cut_10"] for q, r in rows.items()},
+        "recall_at_100": {q: r["recall_100"] for q, r in rows.items()},
+        "mrr_at_10": {q: r["recip_rank"] if r["recip_rank"] >= 0.1 - 1e-12 else 0.0
+                      for q, r in rows.items()},
     }
 
 
