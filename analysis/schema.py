@@ -1,7 +1,8 @@
 """The names a study writes to MLflow: one contract for the writer and the readers.
 
-``study/tracking.py`` writes these names and ``analysis/`` reads them back, so they live here,
-in one dependency-free module, instead of as string literals on both sides.
+``study/tracking.py`` and ``study/sync.py`` write these names and ``analysis/`` reads them
+back, so they live here, in one dependency-free module, instead of as string literals on both
+sides.
 
 Layout of a study in MLflow:
 
@@ -13,11 +14,11 @@ Layout of a study in MLflow:
   trial's flattened parameters and its resolved config as the artifact ``config.yaml``.
 
 Metric conventions: per-epoch metrics are logged with ``step = epoch`` (each (key, step) pair
-exactly once per run, also across resumes); metrics of the final evaluation carry the prefix
-``final_`` (see :func:`final_key`). Every metric and param name goes through
+exactly once per run, also across resumes). Every metric and param name goes through
 :func:`mlflow_key` so that names such as ``ndcg@10`` are legal MLflow keys (``ndcg_at_10``).
 Non-finite values (NaN, inf) are never logged as metrics; they are recorded in the tag
-``jepa.nonfinite`` as ``key@step`` entries (see :func:`format_nonfinite`).
+``jepa.nonfinite`` as ``key@step`` entries (see :func:`format_nonfinite`). The parent run
+carries the study's summary as tags (best trial, trials by status), set by ``sync``.
 """
 
 from __future__ import annotations
@@ -37,13 +38,22 @@ TAG_GIT_COMMIT = "jepa.git_commit"  #: the commit of the code that ran the study
 TAG_NONFINITE = "jepa.nonfinite"  #: comma-separated ``key@step`` of NaN/inf metric values
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  #: MLflow's own nesting tag
 TAG_RUN_NAME = "mlflow.runName"  #: MLflow's own run-name tag
-TAG_STUDY_DIR = "jepa.study_dir"  #: the study directory, on the parent run (set by the launcher)
+TAG_STUDY_DIR = "jepa.study_dir"  #: the study directory, on the parent run
+TAG_BEST_TRIAL = "jepa.best_trial"  #: on the parent: trial id of the best trial by the metric
+TAG_BEST_VALUE = "jepa.best_value"  #: on the parent: that trial's value of the study's metric
+TAG_COUNT_PREFIX = "jepa.count."  #: on the parent, see :func:`count_tag`
 
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
 ROLE_ANSWER = "answer"  #: the parent run of a `jepa-study answer` (its report and table)
 ROLE_RETRAIN = "retrain"  #: a run the answer retrained over a fresh seed
 TAG_ANSWER_RUN = "jepa.answer_run"  #: ``<dataset>/<system>/<seed>`` of a retrained run
+
+# --- experiment tags (MLflow's names) ----------------------------------------------------------
+#: the experiment's kind: MLflow model development (runs, params, metrics), not GenAI (traces)
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+TAG_EXPERIMENT_NOTE = "mlflow.note.content"  #: its description, shown above its runs in the UI
 
 # --- run statuses (MLflow's names) -----------------------------------------------------------
 STATUS_RUNNING = "RUNNING"
@@ -52,7 +62,7 @@ STATUS_FAILED = "FAILED"
 STATUS_KILLED = "KILLED"
 END_STATUSES = (STATUS_FINISHED, STATUS_FAILED, STATUS_KILLED)
 
-#: stop reason written on runs that a killed driver left RUNNING (see mark_orphans_killed)
+#: stop reason of a run left RUNNING by a driver that ended without closing it (set by sync)
 STOP_REASON_ORPHANED = "orphaned: driver ended without closing the run"
 
 # --- artifacts -------------------------------------------------------------------------------
@@ -94,8 +104,13 @@ def experiment_name(study: str) -> str:
     return f"{EXPERIMENT_PREFIX}{study}"
 
 
+def count_tag(source: str, state: str) -> str:
+    """The parent's tag counting its study's trials in ``state`` by ``source``: ``runs`` (child
+    run statuses, ``jepa.count.runs.finished``) or ``optuna`` (``jepa.count.optuna.complete``)."""
+    return f"{TAG_COUNT_PREFIX}{source}.{state.lower()}"
+
+
 # --- metric and param keys -------------------------------------------------------------------
-FINAL_PREFIX = "final_"  #: prefix of metrics from the final evaluation (no step semantics)
 PARAM_SEP = "."  #: separator of flattened nested param names (``model.predictor.depth``)
 SEARCH_PREFIX = "search."  #: params holding a trial's searched values, by Optuna name
 OBJECTIVE = "dev_ndcg_at_10"  #: the headline dev nDCG@10 of each epoch (its history)
@@ -168,12 +183,6 @@ def parse_param(text: object) -> Any:
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             return text
     return text
-
-
-def final_key(name: str) -> str:
-    """Return the key of a final-evaluation metric (``final_`` + sanitised name)."""
-    key = mlflow_key(name)
-    return key if key.startswith(FINAL_PREFIX) else FINAL_PREFIX + key
 
 
 # --- non-finite values -----------------------------------------------------------------------

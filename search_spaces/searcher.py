@@ -1,21 +1,27 @@
 """Builds Ray Tune's ``OptunaSearch`` for a space: sampler, start points, optional storage.
 
-Kept apart from ``space.py`` so that loading and validating a space never imports Ray.
+Kept apart from ``space.py`` so that loading and validating a space never imports Ray; this
+module imports the space, never the other way round.
+
+``ResumableOptunaSearch`` reaches into ``OptunaSearch``'s private state (``_ot_study``,
+``_ot_trials``, ``_sampler``): Ray has no public API to list the trials a searcher owns or to
+reseed its sampler after a restore.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ray.tune.search.optuna import OptunaSearch
 
-if TYPE_CHECKING:
-    from search_spaces.space import SpaceSpec
+from search_spaces.space import SpaceSpec
 
 
-def build_searcher(space: "SpaceSpec", metric: str | list[str], mode: str | list[str],
-                   storage_url: str | None, study_name: str) -> "OptunaSearch":
+def build_searcher(space: SpaceSpec, storage_url: str | None = None,
+                   study_name: str | None = None, metric: str | list[str] | None = None,
+                   mode: str | list[str] | None = None) -> OptunaSearch:
     """``OptunaSearch(space.define_by_run, ...)`` with the space's sampler and points.
+
+    ``storage_url`` (e.g. ``sqlite:///optuna.db``) makes the Optuna study persistent; the
+    metric, mode and study name default to the space's.
 
     Ray 2.60's ``OptunaSearch`` creates the study itself (``load_if_exists=True``) from
     ``storage`` (an ``optuna.storages.BaseStorage`` instance, not a URL) and ``study_name``,
@@ -24,8 +30,10 @@ def build_searcher(space: "SpaceSpec", metric: str | list[str], mode: str | list
     finished trials are in the storage already.
     """
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
+    metric = space.metric if metric is None else metric
+    mode = space.mode if mode is None else mode
+    study_name = study_name or space.name
     cfg = space.searcher_spec
     if cfg.kind == "tpe":
         extra = {"multivariate": True, "group": True} if cfg.group else {}
@@ -50,7 +58,6 @@ def build_searcher(space: "SpaceSpec", metric: str | list[str], mode: str | list
         # RUNNING belong to no Tune trial any more.
         searcher._recover(reseed=True)
     return searcher
-
 
 
 class ResumableOptunaSearch(OptunaSearch):

@@ -35,7 +35,6 @@ from trainables.config import ConfigError, RunConfig, flatten
 
 if TYPE_CHECKING:  # heavy imports stay out of `import search_spaces`
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
 SPACES_DIR = Path(__file__).resolve().parent
 PRESETS_DIR = SPACES_DIR / "presets"
@@ -226,11 +225,18 @@ class SpaceSpec(_Strict):
                 out[config_path(name)] = 0.0 if spec.type == "float" else 0
         return out
 
-    def trial_config(self, params: dict[str, Any]) -> RunConfig:
-        """The run config of one trial: ``base_config()`` with ``resolve(params)`` applied."""
+    def trial_config(self, params: dict[str, Any], data_path: str | None = None) -> RunConfig:
+        """The run config of one trial: ``base_config()`` with ``resolve(params)`` applied
+        and, when given, ``data_path`` as ``data.path``; built and validated once.
+
+        This is the one way from a space file's parameters (Optuna's, Tune's trial config) to
+        the config a trial trains with; a study pickles it with its space into the trials.
+        """
+        overrides = self.resolve(params)
+        if data_path is not None:
+            overrides["data.path"] = str(data_path)
         try:
-            return self.base_config().with_overrides(self.resolve(params),
-                                                     f"{self._source}: trial {params}")
+            return self.base_config().with_overrides(overrides, f"{self._source}: trial {params}")
         except ConfigError as exc:
             raise SpaceError(str(exc)) from None
 
@@ -263,21 +269,6 @@ class SpaceSpec(_Strict):
         """
         return [self._point(item, f"points_to_evaluate[{i}]")
                 for i, item in enumerate(self.points_to_evaluate)]
-
-    def searcher(self, metric: str | list[str] | None = None,
-                 mode: str | list[str] | None = None, storage_url: str | None = None,
-                 study_name: str | None = None) -> "OptunaSearch":
-        """A Ray ``OptunaSearch`` over this space (sampler, start points, optional storage).
-
-        ``storage_url`` (e.g. ``sqlite:///study.db``) makes the Optuna study persistent
-        through ``optuna.storages.RDBStorage``; when the named study already exists there,
-        the start points are not enqueued again (they were enqueued when it was created).
-        """
-        from search_spaces.searcher import build_searcher
-
-        return build_searcher(self, metric if metric is not None else self.metric,
-                              mode if mode is not None else self.mode,
-                              storage_url, study_name or self.name)
 
     # -- the one walk through the parameters, shared by Optuna, points and checks ----------
 

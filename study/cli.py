@@ -89,9 +89,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from study.launcher import status
+    from study.studydir import status
 
     print(json.dumps(status(args.study), indent=1, default=str))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from study.sync import sync
+
+    print(json.dumps(sync(args.study).as_dict(), indent=1))
     return 0
 
 
@@ -216,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study directory")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("sync", help="bring the study's MLflow runs up to date with its record "
+                       "(Tune's results, Optuna's storage); safe to repeat")
+    p.add_argument("study", help="study directory")
+    p.set_defaults(func=cmd_sync)
+
     p = sub.add_parser("baseline", help="zero-shot metrics of the base encoder")
     p.add_argument("--config", help="take model and data from this config")
     p.add_argument("--data")
@@ -241,14 +253,10 @@ def _checkpoint_interval_arg(p: argparse.ArgumentParser) -> None:
 def _terminate(signum, frame) -> None:
     """SIGTERM (a job scheduler, ``kill``) stops the command as Ctrl-C does, always.
 
-    The handler Python has for SIGINT right now is called directly: outside ``Tuner.fit``
-    one that raises ``KeyboardInterrupt``; inside it, Tune's graceful stop, which saves the
-    experiment state on the way out (runs end KILLED, the study stays resumable; see
-    ``study.launcher._TuneInterruptWatch``). A SIGINT that is ignored (SIG_IGN: POSIX
-    shells start a script's background jobs so) or left to the system has no Python handler
-    to call: then it is a ``KeyboardInterrupt`` here. Calling the handler, rather than
-    raising SIGINT at the process, keeps SIGINT's disposition as the parent chose it (an
-    ignored Ctrl-C stays ignored) while SIGTERM stops the command whatever that is.
+    SIGINT's Python handler is called in place: inside ``Tuner.fit`` Tune's graceful stop
+    (state saved, runs KILLED, the study resumable), elsewhere ``KeyboardInterrupt``. Where
+    SIGINT has no Python handler (ignored, as POSIX shells start background jobs, or the
+    system's) this raises ``KeyboardInterrupt``; SIGINT's disposition is left as it was.
     """
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
@@ -259,7 +267,7 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from search_spaces.space import SpaceError
-    from study.launcher import StudyError
+    from study.studydir import StudyError
     from trainables.config import ConfigError
     from trainables.data import DataError
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from study.launcher import StudyError, load_meta, optuna_url
+from study.studydir import StudyError, load_meta, optuna_url
 
 WARM_START_TOP = 3
 

@@ -1,35 +1,33 @@
 """One study trial as a Ray Tune function trainable, run in-process or as a Ray Train run.
 
-Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is no longer a Tune trainable. A trial is
+Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is not a Tune trainable. A trial is
 therefore a Tune *function* trainable that either
 
 * ``direct``: runs the training loop in the trial's own actor, reporting every epoch with
   ``ray.tune.report`` and resuming from ``ray.tune.get_checkpoint()`` on Tune's retries. This
-  is the single-worker CPU fast path: it skips the Train controller and worker group, which
-  cost ~15 s of start-up per trial on 2 cores (~3 s for a direct trial, Tune's own); or
+  is the single-worker CPU path: it skips the Train controller and worker group and their
+  start-up; or
 * ``train``: acts as the driver of a ``TorchTrainer`` run ("Train inside Tune"). The workers
   report with ``ray.train.report``; ``TuneReportCallback`` forwards rank 0's metrics to Tune.
   The Train run is named ``<study>-<trial_id>`` under ``<study_dir>/train``, so a retried or
   restored trial finds its own run's checkpoints again and resumes from the newest one.
 
 Both paths report exactly one result per epoch (the loop's metrics plus ``trial_startup_s``).
-A report attaches the checkpoint the loop wrote that epoch, if any (Tune or Train then copies
-it into storage: ~30 ms for the 15 MB of a frozen-base trial, besides the loop's own ~10 ms
-write). The loop writes one on the first and last epoch and otherwise at most every
-``checkpoint_interval_s`` seconds: a retry redoes at most that much training, and the epochs
-it reports again are dropped by the study's MLflow tracker, which never logs a (metric,
-step) twice. The trial is deterministic given its config: the
+A report attaches the checkpoint the loop wrote that epoch, if any. The loop writes one on the
+first and last epoch and otherwise at most every ``checkpoint_interval_s`` seconds: a retry
+redoes at most that much training, and the epochs it reports again are not logged twice (the
+MLflow view keeps each (metric, step) once). The trial is deterministic given its config: the
 seed comes from the run config, torch's thread count from ``cpus_per_worker`` and a resumed
 trial continues from the checkpoint it last reported (never from a newer, unreported one).
 
 Divergence (the loop raising ``TrainingDiverged``): the trial reports one last result with
 ``stop_reason``, ``diverged=True`` and NaN for the objective, with a checkpoint holding only
 ``DIVERGED.json`` (Tune and Train both take a run's result from its latest checkpoint), writes
-``DIVERGED.json`` beside its outputs and raises
-:class:`TrialDiverged`. Tune marks the trial ERROR and calls the searcher with
-``error=True``, which OptunaSearch records as FAIL. Returning normally instead would leave the
-Optuna trial RUNNING forever (``study.tell`` rejects a NaN value), and a finite stand-in value
-would be a silent lie. Tune's own retries of a diverged trial stop at the marker at once.
+``DIVERGED.json`` beside its outputs and raises ``TrainingDiverged`` again. Tune marks the
+trial ERROR and calls the searcher with ``error=True``, which OptunaSearch records as FAIL.
+Returning normally instead would leave the Optuna trial RUNNING forever (``study.tell``
+rejects a NaN value), and a finite stand-in value would be a silent lie. Tune's own retries of
+a diverged trial stop at the marker at once.
 """
 
 from __future__ import annotations
@@ -59,14 +57,6 @@ log = logging.getLogger(__name__)
 DRIVER_MEMORY = 256 * 2**20
 
 Report = Callable[[dict[str, Any], "Path | None"], None]
-
-
-class TrialDiverged(RuntimeError):
-    """Training diverged; the trial is over and must count as failed, not as a score."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -181,7 +171,7 @@ def make_trainable(*, study_dir: Path, num_workers: int = 1, use_gpu: bool = Fal
                    gpus_per_worker: float = 1, cpus_per_worker: float = 1,
                    max_failures: int = 2, execution: str = "auto",
                    loop: str = "trainables.loop:train",
-                   config_builder: Callable[[dict], dict] | None = None,
+                   config_builder: Callable[[dict], Any] | None = None,
                    objective_keys: Sequence[str] = ("dev_ndcg_at_10",),
                    keep_checkpoints: int | None = 2,
                    checkpoint_interval_s: float = 0.0,
@@ -197,8 +187,8 @@ def make_trainable(*, study_dir: Path, num_workers: int = 1, use_gpu: bool = Fal
         execution: ``direct``, ``train`` or ``auto`` (see the module docstring).
         loop: ``"module:function"`` of the training loop (``trainables.loop.train``'s
             signature), imported inside the worker.
-        config_builder: maps the Tune config to a full run-config dict; None: the Tune
-            config is the run-config dict.
+        config_builder: maps the Tune config to the trial's run config (a ``RunConfig`` or
+            its dict), called once per trial; None: the Tune config is the run-config dict.
         objective_keys: metrics set to NaN in a diverged trial's last report (every numeric
             metric of the previous epoch is too), so Tune's strict metric check accepts it.
         keep_checkpoints: checkpoints a Train run keeps in storage (None: all).
@@ -227,7 +217,7 @@ def make_trainable(*, study_dir: Path, num_workers: int = 1, use_gpu: bool = Fal
     return trainable
 
 
-def _run_direct(spec: TrialSpec, run_config: dict, entered: float,
+def _run_direct(spec: TrialSpec, run_config: Any, entered: float,
                 shared: dict[str, Any]) -> None:
     """The loop in this process; Tune checkpoints are the loop's own checkpoint dirs."""
     import ray.tune
@@ -250,10 +240,10 @@ def _run_direct(spec: TrialSpec, run_config: dict, entered: float,
         # good epoch back as the trial's result; with it, the retry also stops at once.
         holder = _marker_checkpoint(out_dir, stopped)
         ray.tune.report(stopped, checkpoint=ray.tune.Checkpoint.from_directory(str(holder)))
-        raise TrialDiverged(stopped[STOP_REASON])
+        _diverged(stopped[STOP_REASON])
 
 
-def _run_train(spec: TrialSpec, run_config: dict, entered: float,
+def _run_train(spec: TrialSpec, run_config: Any, entered: float,
                shared: dict[str, Any]) -> None:
     """Drives a TorchTrainer run named after the trial; raises what the run raised."""
     import ray.train
@@ -286,7 +276,7 @@ def _run_train(spec: TrialSpec, run_config: dict, entered: float,
     stopped = dict(result.metrics or {})
     if stopped.get(STOP_REASON):
         _write_marker(out_dir, stopped)
-        raise TrialDiverged(stopped[STOP_REASON])
+        _diverged(stopped[STOP_REASON])
 
 
 def _train_worker(config: dict) -> None:
@@ -326,7 +316,7 @@ def _train_worker(config: dict) -> None:
 
 # -- shared pieces -------------------------------------------------------------------------
 
-def _run_loop(spec: TrialSpec, run_config: dict, *, out_dir: Path, resume_from: Path | None,
+def _run_loop(spec: TrialSpec, run_config: Any, *, out_dir: Path, resume_from: Path | None,
               report: Report, entered: float, shared: dict[str, Any],
               device: Any = None) -> dict[str, Any] | None:
     """Runs the loop, reporting each epoch; returns the stop result if it diverged.
@@ -338,7 +328,8 @@ def _run_loop(spec: TrialSpec, run_config: dict, *, out_dir: Path, resume_from: 
 
     from trainables.config import RunConfig
 
-    cfg = RunConfig.from_dict(run_config, "trial config")
+    cfg = run_config if isinstance(run_config, RunConfig) else \
+        RunConfig.from_dict(run_config, "trial config")
     loop = _import(spec.loop)
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     started = time.time()
@@ -366,7 +357,7 @@ def _run_loop(spec: TrialSpec, run_config: dict, *, out_dir: Path, resume_from: 
         loop(cfg, out_dir=out_dir, callback=callback, resume_from=resume_from, progress=False,
              **extra)
     except Exception as exc:
-        reason = _divergence_reason(exc, spec.loop)
+        reason = _divergence_reason(exc)
         if reason is None:
             raise
         stopped = {k: math.nan for k, v in last.items()
@@ -476,18 +467,19 @@ def _stop_if_diverged_before(directory: Path | None) -> None:
     found = _diverged_in(directory)
     if found is not None:
         reason = found.get(STOP_REASON, "diverged")
-        raise TrialDiverged(f"{reason} (earlier attempt; delete "
-                            f"{directory / DIVERGED_MARKER} to retry)")
+        _diverged(f"{reason} (earlier attempt; delete {directory / DIVERGED_MARKER} to retry)")
 
 
-def _divergence_reason(exc: BaseException, loop_path: str) -> str | None:
-    """``exc.reason`` if ``exc`` is the loop's ``TrainingDiverged`` (looked up lazily)."""
-    module = _import(loop_path).__module__
-    cls = getattr(importlib.import_module(module), "TrainingDiverged", None)
-    if isinstance(cls, type) and isinstance(exc, cls):
-        return str(getattr(exc, "reason", exc))
-    if isinstance(exc, TrialDiverged) or any(
-            c.__name__ == "TrainingDiverged" for c in type(exc).__mro__):
+def _diverged(reason: str) -> None:
+    """Ends the trial as failed, with the loop's exception (imported here: it brings torch)."""
+    from trainables.loop import TrainingDiverged
+
+    raise TrainingDiverged(reason)
+
+
+def _divergence_reason(exc: BaseException) -> str | None:
+    """``exc.reason`` if ``exc`` is a loop's ``TrainingDiverged`` (any loop's: by name)."""
+    if any(c.__name__ == "TrainingDiverged" for c in type(exc).__mro__):
         return str(getattr(exc, "reason", exc))
     return None
 

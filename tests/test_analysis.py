@@ -84,7 +84,9 @@ TRIALS = {
 @pytest.fixture(scope="module")
 def record(tmp_path_factory, scifact_dir):
     """A study directory with mlflow.db and optuna.db holding the TRIALS above."""
-    from study.launcher import TrialConfigBuilder
+    from functools import partial
+
+    from study.sync import trial_fields
     from study.tracking import StudyTracker
 
     study_dir = tmp_path_factory.mktemp("study")
@@ -92,7 +94,6 @@ def record(tmp_path_factory, scifact_dir):
     storage = f"sqlite:///{study_dir / S.OPTUNA_DB}"
     space_file = study_dir / "space.yaml"
     space_file.write_text(yaml.safe_dump(SPACE, sort_keys=False))
-    builder = TrialConfigBuilder(str(space_file), str(scifact_dir))
     tracker = StudyTracker(uri, STUDY)
     parent = tracker.start_study(
         {"space": STUDY, "num_samples": len(TRIALS), "data": str(scifact_dir),
@@ -100,10 +101,11 @@ def record(tmp_path_factory, scifact_dir):
         {S.TAG_STUDY_DIR: str(study_dir)}, space_yaml=space_file.read_text())
     ostudy = optuna.create_study(storage=storage, study_name=STUDY, direction="maximize")
     spec = load_space(space_file)
+    build = partial(spec.trial_config, data_path=str(scifact_dir))
     configs = {}
     for trial_id, (params, status, reason, dev, test) in TRIALS.items():
-        tracker.trial_run(trial_id, builder.flat(params), builder.yaml(params))
-        configs[trial_id] = RunConfig.from_dict(builder(params))
+        tracker.trial_run(trial_id, *trial_fields(build, params))
+        configs[trial_id] = build(params)
         for epoch, value in enumerate(dev, start=1):
             best = max(dev[:epoch])
             metrics = {"dev_ndcg_at_10": value, "dev_query_ndcg_at_10": value,
@@ -125,7 +127,6 @@ def record(tmp_path_factory, scifact_dir):
             value=None if failed else dev[-1],
             state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE))
     tracker.end_study(S.STATUS_FINISHED)
-    assert tracker.flush()
     return {"uri": uri, "storage": storage, "dir": study_dir, "parent": parent,
             "configs": configs, "data_dir": str(scifact_dir), "space": space_file}
 

@@ -80,8 +80,9 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
     from ray import tune
 
     from search_spaces.space import load_preset
-    from study.tracking import MLflowTrialCallback, StudyTracker
+    from study.tracking import StudyTracker
     from study.trial import CheckpointGuard, make_trainable, trial_resources
+    from study.tuner import MLflowTrialCallback
 
     path = os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -96,7 +97,7 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
 
     study_dir = tmp_path / "study"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = StudyTracker(uri, "faults", wal_dir=study_dir / "wal")
+    tracker = StudyTracker(uri, "faults")
     tracker.start_study({"kind": "fault injection"})
     trainable = make_trainable(study_dir=study_dir, loop="faults:train_failing_once",
                                config_builder=build, objective_keys=[METRIC],
@@ -112,7 +113,6 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
                                   failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
     tracker.end_study(S.STATUS_FINISHED)
-    assert tracker.flush(timeout=30)
 
     by_fault = {r.config["fault"]: r for r in grid}
     assert set(by_fault) == set(FAULTS)
@@ -294,13 +294,32 @@ def _rest_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(int(m["step"]), m["value"]) for m in page.get("metrics", [])]
 
 
+def _results_recorded(study_dir: Path, name: str) -> int:
+    """Results in Tune's record, over all trials."""
+    return sum(len(rows) for rows in _tune_results(study_dir / "ray" / name).values())
+
+
+def _missing_from_view(uri: str, study_dir: Path, name: str) -> list[tuple[str, int]]:
+    """(trial id, epoch) of every finite dev nDCG@10 in Tune's record that the trial's MLflow
+    run does not hold."""
+    client = MlflowClient(uri)
+    runs = {r.data.tags[S.TAG_TRIAL_ID]: r.info.run_id for r in child_runs(uri, name)}
+    missing = []
+    for trial_id, rows in _tune_results(study_dir / "ray" / name).items():
+        logged = {m.step for m in client.get_metric_history(runs[trial_id], METRIC)} \
+            if trial_id in runs else set()
+        missing += [(trial_id, row["epoch"]) for row in rows
+                    if math.isfinite(row.get(METRIC, math.nan)) and row["epoch"] not in logged]
+    return sorted(set(missing))
+
+
 def _epoch_one_counts(study_dir: Path, name: str) -> dict[str, int]:
     """How many times each trial reported epoch 1, across Tune's result files."""
     return {trial_id: sum(1 for row in rows if row.get("epoch") == 1)
             for trial_id, rows in _tune_results(study_dir / "ray" / name).items()}
 
 
-# -- 2, 3, 5 (WAL replay), 10 (orphans, no duplicate steps), 11: SIGKILL of the driver -------
+# -- 2, 3, 5 (outage repaired by sync), 10 (orphans, no duplicate steps), 11: SIGKILL --------
 
 CONTINUOUS = {  # no categorical, no switch: two trials with equal params would be a replay
     "loss.lambda_pred": {"type": "float", "low": 0.1, "high": 2.0, "log": True},
@@ -311,8 +330,8 @@ CONTINUOUS = {  # no categorical, no switch: two trials with equal params would 
 def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, mlflow_server,
                                      caplog):
     """SIGKILL the ``launch`` process group while trials run, just after the searcher made a
-    new suggestion, with MLflow unreachable at that moment (the driver's writes wait in the
-    write-ahead file); then ``resume`` with the server back."""
+    new suggestion, with MLflow unreachable at that moment (the driver's writes to it fail, and
+    the study goes on); then ``resume`` with the server back, whose sync fills in the view."""
     import optuna
 
     from study.launcher import resume
@@ -327,7 +346,6 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
                        searcher={"kind": "tpe", "seed": 0, "n_startup_trials": 10})
     storage = tmp_path / "studies"
     study_dir = storage / name
-    wal = study_dir / "wal"
     log = tmp_path / "launch.log"
     proc = _launch_cli(space, storage, scifact_dir, "--mlflow-uri", uri,
                        "--max-concurrent-trials", "2", log=log)
@@ -336,8 +354,10 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
                               for t in _optuna_trials(study_dir, name)) >= 1,
                   240, proc, "a first trial to complete", log)
         server.stop()
-        _wait_for(lambda: any(p.stat().st_size for p in wal.glob("*.wal.jsonl")), 60, proc,
-                  "the driver to queue writes while MLflow is down", log)
+        at_stop = _results_recorded(study_dir, name)
+        _wait_for(lambda: "a write for trial" in log.read_text(errors="replace")
+                  and _results_recorded(study_dir, name) > at_stop, 60, proc,
+                  "the driver to miss MLflow and record results all the same", log)
         # kill after a suggestion made during the outage (just after one, before Tune saves
         # it, with luck) while a trial is in flight (it trained an epoch and has not
         # finished). With reuse_actors only the newly suggested trial may be running when a
@@ -357,9 +377,8 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
     before = {t.number: t for t in _optuna_trials(study_dir, name)}
     done_before = {n: (t.params, t.value) for n, t in before.items() if t.state.name == "COMPLETE"}
     assert 1 <= len(done_before) < samples
-    queued = [p for p in wal.glob("*.wal.jsonl") if p.read_text().strip()]
     _server_up(server)
-    assert queued, "the killed driver left no write-ahead file to replay"
+    assert _missing_from_view(uri, study_dir, name), "the outage left the view complete"
 
     caplog.set_level(logging.WARNING, logger="study.launcher")
     summary = resume(study_dir)
@@ -369,8 +388,8 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
     epoch_ones = _epoch_one_counts(study_dir, name)
     assert len(epoch_ones) == samples
     assert all(n <= 1 for n in epoch_ones.values()), epoch_ones
-    # the runs of the trials in flight at the kill (RUNNING once the write-ahead file was
-    # replayed) were marked KILLED before the study went on
+    # the runs of the trials in flight at the kill (RUNNING in Tune's record of a driver that
+    # is gone) were marked KILLED by the sync before the study went on
     # getMessage(): a record's msg may be any object (an exception, from another logger)
     marked = [r.args[0] for r in caplog.records if r.name == "study.launcher"
               and "left RUNNING by a driver" in r.getMessage()]
@@ -389,8 +408,8 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
                                                for t in trials]
     assert optuna.get_all_study_names(f"sqlite:///{study_dir / 'optuna.db'}") == [name]
 
-    # MLflow, over the server's REST API: one child run per trial across the kill, the
-    # write-ahead file replayed, each epoch once
+    # MLflow, over the server's REST API: one child run per trial across the kill, what the
+    # outage left out filled in from Tune's record, each epoch once
     parent, children = _rest_runs(uri, name)
     assert parent["info"]["status"] == S.STATUS_FINISHED
     trial_ids = [c["tags"][S.TAG_TRIAL_ID] for c in children]
@@ -411,7 +430,7 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
         for key in (METRIC, "train_loss", "effective_rank"):
             steps = [s for s, _ in _rest_history(uri, child["info"]["run_id"], key)]
             assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
-    assert not [p for p in wal.glob("*.wal.jsonl") if p.read_text().strip()]
+    assert not _missing_from_view(uri, study_dir, name)
 
 
 def test_seeded_searcher_never_repeats_a_lost_suggestion(tmp_path):
@@ -421,15 +440,16 @@ def test_seeded_searcher_never_repeats_a_lost_suggestion(tmp_path):
 
     import optuna
 
+    from search_spaces.searcher import build_searcher
     from search_spaces.space import load_space
 
     spec = load_space(tiny_space(tmp_path, "lost", parameters=CONTINUOUS,
                                  searcher={"kind": "tpe", "seed": 0, "n_startup_trials": 10}))
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    searcher = spec.searcher(storage_url=url, study_name="lost")
+    searcher = build_searcher(spec, storage_url=url, study_name="lost")
     at_launch = pickle.dumps(searcher)  # Tune's tuner.pkl
     first = searcher.suggest("a")
-    searcher.on_trial_complete("a", {METRIC: 0.5})
+    searcher.on_trial_complete("a", {spec.metric: 0.5})  # the space's objective
     searcher.save(str(tmp_path / "searcher-state.pkl"))  # Tune's last save before the kill
     lost = searcher.suggest("b")  # suggested, never saved: the driver dies here
 
@@ -437,11 +457,11 @@ def test_seeded_searcher_never_repeats_a_lost_suggestion(tmp_path):
     restored.restore(str(tmp_path / "searcher-state.pkl"))  # ... and the searcher's state
     again = restored.suggest("c")
     assert again != lost  # a seeded sampler restored as it was at the save would redraw it
-    restored.on_trial_complete("c", {METRIC: 0.6})
+    restored.on_trial_complete("c", {spec.metric: 0.6})
     study = optuna.load_study(study_name="lost", storage=url)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     # a new Tune experiment over the same storage (its Tune state lost) is reseeded too
-    fresh = spec.searcher(storage_url=url, study_name="lost").suggest("d")
+    fresh = build_searcher(spec, storage_url=url, study_name="lost").suggest("d")
     assert fresh not in (first, lost, again)
 
 
@@ -461,7 +481,7 @@ def _stop_cli(proc, sig: int, log: Path) -> None:
 def _assert_interrupted(uri: str, name: str, study_dir: Path) -> set[str]:
     """Parent and open child runs KILLED (finished ones untouched), nothing RUNNING, the
     study not finished. Returns the trial ids whose runs were ended KILLED."""
-    from study.launcher import status
+    from study.studydir import status
 
     (parent,) = [r for r in _all_runs(uri, name) if r.data.tags[S.TAG_ROLE] == S.ROLE_STUDY]
     assert parent.info.status == S.STATUS_KILLED
@@ -628,6 +648,14 @@ def test_divergence_outage_and_secrets(tmp_path, scifact_dir, scifact_features, 
         description=f"pasted from a notebook: MY_TOKEN={SECRET}")
     study_dir = tmp_path / "studies" / name
     seen: dict = {}
+    missed: list[str] = []  # the live MLflow writer's warnings
+
+    class Missed(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            missed.append(record.getMessage())
+
+    handler = Missed(logging.WARNING)
+    logging.getLogger("study.tuner").addHandler(handler)
 
     def watch() -> None:  # Ray's security settings while it runs, then the outage
         try:
@@ -641,10 +669,9 @@ def test_divergence_outage_and_secrets(tmp_path, scifact_dir, scifact_features, 
                       300, what="a first epoch in MLflow")
             server.stop()
             seen["stopped"] = time.time()
-            wal = study_dir / "wal"
-            _wait_for(lambda: any(p.stat().st_size for p in wal.glob("*.wal.jsonl")), 60,
-                      what="writes queued while MLflow is down")
-            seen["queued"] = True
+            _wait_for(lambda: any("a write for trial" in m for m in missed), 60,
+                      what="the driver to miss MLflow")
+            seen["missed"] = True
             server.start()
             seen["restarted"] = time.time()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
@@ -654,7 +681,10 @@ def test_divergence_outage_and_secrets(tmp_path, scifact_dir, scifact_features, 
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    summary = launch(_opts(space, tmp_path / "studies", scifact_dir, mlflow_uri=uri))
+    try:
+        summary = launch(_opts(space, tmp_path / "studies", scifact_dir, mlflow_uri=uri))
+    finally:
+        logging.getLogger("study.tuner").removeHandler(handler)
     ended = time.time()
     watcher.join(timeout=120)
     assert "error" not in seen, seen["error"]
@@ -665,8 +695,8 @@ def test_divergence_outage_and_secrets(tmp_path, scifact_dir, scifact_features, 
         assert seen["token_auth"] and os.environ.get("RAY_AUTH_MODE") != "disabled"
 
     # 5: the server was away and came back while trials ran; nothing was lost
-    assert seen["queued"] and seen["stopped"] < seen["restarted"] < ended
-    assert not [p for p in (study_dir / "wal").glob("*.wal.jsonl") if p.read_text().strip()]
+    assert seen["missed"] and seen["stopped"] < seen["restarted"] < ended
+    assert not _missing_from_view(uri, study_dir, name)  # the study's end synced the view
 
     # 4: the diverging trials failed with a reason, the searcher was told, the others finished
     trials = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}"

@@ -152,8 +152,6 @@ def test_sigterm_stops_launch_and_resume_with_sigint_ignored(tmp_path, scifact_d
     once its trial has reported an epoch: Tune's graceful stop, as on Ctrl-C."""
     from mlflow.tracking import MlflowClient
 
-    from study.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NOTE_TAG
-
     name = "sigterm"
     # one trial with far more epochs than it gets to run: it is in flight when stopped
     space = tiny_space(tmp_path, name, num_samples=1, epochs=200, steps=2,
@@ -176,9 +174,9 @@ def test_sigterm_stops_launch_and_resume_with_sigint_ignored(tmp_path, scifact_d
     _assert_resumable(study_dir, name, uri)
     # the study's experiment: model development, with what was searched and the report
     tags = MlflowClient(uri).get_experiment_by_name(S.experiment_name(name)).tags
-    assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
-    assert "space sigterm: One long trial, stopped by SIGTERM." in tags[EXPERIMENT_NOTE_TAG]
-    assert str(study_dir / "report.html") in tags[EXPERIMENT_NOTE_TAG]
+    assert tags[S.TAG_EXPERIMENT_KIND] == S.EXPERIMENT_KIND
+    assert "space sigterm: One long trial, stopped by SIGTERM." in tags[S.TAG_EXPERIMENT_NOTE]
+    assert str(study_dir / "report.html") in tags[S.TAG_EXPERIMENT_NOTE]
 
     reported = _epochs_reported(study_dir, name)
     proc = _cli("resume", str(study_dir), log=log)
@@ -232,7 +230,7 @@ def _group(pgid: int) -> list[int]:
 def test_sigterm_stops_ui_and_its_mlflow_server_with_sigint_ignored(tmp_path):
     """``jepa-study ui`` with SIGINT ignored: SIGTERM takes the MLflow server's whole
     process group (its main process and workers) down with it."""
-    from study.launcher import default_mlflow_uri
+    from study.studydir import default_mlflow_uri
     from study.tracking import seed_sqlite_store
 
     study_dir = tmp_path / "studies" / "ui-stop"

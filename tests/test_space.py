@@ -342,8 +342,10 @@ def test_alternatives_of_one_field_never_meet(tmp_path):
 
 @pytest.mark.parametrize("name", ["quick", "jepa_core", "seed_phases"])
 def test_searcher_suggests_valid_trials(name):
+    from search_spaces.searcher import build_searcher
+
     spec = load_space(name)
-    searcher = spec.searcher()
+    searcher = build_searcher(spec)
     points = spec.points()
     for i in range(20):  # past n_startup_trials, so TPE itself suggests too
         params = searcher.suggest(f"t{i}")
@@ -381,28 +383,34 @@ def test_mapping_point_fills_from_base_and_clips(tmp_path):
 
 
 def test_points_are_enqueued_in_the_optuna_study():
+    from search_spaces.searcher import build_searcher
+
     spec = load_space("seed_phases")
-    searcher = spec.searcher()
+    searcher = build_searcher(spec)
     waiting = [t for t in searcher._ot_study.trials
                if t.state == optuna.trial.TrialState.WAITING]
     assert [t.system_attrs["fixed_params"] for t in waiting] == spec.points()
 
 
 def test_storage_study_is_created_once(tmp_path):
+    from search_spaces.searcher import build_searcher
+
     spec = load_space("seed_phases")
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    first = spec.searcher(storage_url=url, study_name="s1")
+    first = build_searcher(spec, storage_url=url, study_name="s1")
     assert first.suggest("a") == spec.points()[0]
-    spec.searcher(storage_url=url, study_name="s1")  # resume: points not enqueued again
+    build_searcher(spec, storage_url=url, study_name="s1")  # resume: points not enqueued again
     study = optuna.load_study(study_name="s1", storage=url)
     assert len(study.trials) == 3  # one running + two waiting, none duplicated
 
 
 def test_multi_objective_searcher(tmp_path):
+    from search_spaces.searcher import build_searcher
+
     raw = _edit(lambda r: r.update(metric=["dev_ndcg_at_10", "effective_rank"],
                                    mode=["max", "max"], searcher={"kind": "nsga2"},
                                    scheduler={"kind": "fifo"}))
-    searcher = load_space(_write(tmp_path, raw)).searcher()
+    searcher = build_searcher(load_space(_write(tmp_path, raw)))
     assert len(searcher._ot_study.directions) == 2
     params = searcher.suggest("a")
     searcher.on_trial_complete("a", {"dev_ndcg_at_10": 0.5, "effective_rank": 10.0})
@@ -410,12 +418,14 @@ def test_multi_objective_searcher(tmp_path):
 
 
 def test_space_and_searcher_pickle(tmp_path):
+    from search_spaces.searcher import build_searcher
+
     spec = load_space("quick")
     clone = pickle.loads(pickle.dumps(spec))
     assert clone == spec and clone.points() == spec.points()
-    searcher = spec.searcher()
+    searcher = build_searcher(spec)
     searcher.suggest("a")
     searcher.save(str(tmp_path / "searcher.pkl"))  # what Tune does at a checkpoint
-    restored = load_space("quick").searcher()
+    restored = build_searcher(load_space("quick"))
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.suggest("b") == searcher.suggest("b")

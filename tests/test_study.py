@@ -24,7 +24,8 @@ from study_helpers import child_runs, metric_steps, optuna_states, parent_runs, 
 
 from analysis import schema as S
 from search_spaces.space import SpaceError
-from study.launcher import StudyError, StudyOptions, launch, load_meta, resume, status
+from study.launcher import launch, resume
+from study.studydir import StudyError, StudyOptions, load_meta, status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,9 +69,12 @@ def test_quick_study_tracks_every_trial(tmp_path, scifact_dir, scifact_features)
     import optuna
 
     ostudy = optuna.load_study(study_name="e2e", storage=f"sqlite:///{study_dir / 'optuna.db'}")
-    mlflow_best = max(c.data.metrics["dev_ndcg_at_10"] for c in children)
+    mlflow_best = max(c.data.metrics[S.SELECTION] for c in children)  # the space's metric
     assert ostudy.best_value == pytest.approx(mlflow_best)
     assert status(study_dir)["optuna_trials"] == {"COMPLETE": 4}
+    # the parent's summary, from the record
+    assert parent_runs(uri, "e2e")[0].data.tags[S.TAG_BEST_TRIAL] == summary["best"]["trial_id"]
+    assert parent_runs(uri, "e2e")[0].data.tags[S.count_tag("runs", "FINISHED")] == "4"
 
 
 def test_invalid_space_fails_before_ray(tmp_path, scifact_dir):
@@ -206,14 +210,14 @@ def test_resume_after_killing_the_driver(tmp_path, scifact_dir, scifact_features
 @pytest.mark.parametrize("send_sigint", [False, True])
 def test_interrupt_watch_tells_tunes_sigint_from_a_normal_end(tmp_path, send_sigint):
     """Tune swallows Ctrl-C (saves its state, returns a grid whose stopped trials read
-    TERMINATED); the launcher learns of it from ``_TuneInterruptWatch``, never from the
+    TERMINATED); the launcher learns of it from ``_InterruptWatch``, never from the
     results. A study that ends normally must not read as interrupted (a resume that did
     would exit 130 without a summary)."""
     import threading
 
     from ray import tune
 
-    from study.launcher import _TuneInterruptWatch
+    from study.tuner import _InterruptWatch
 
     def sleepy(config):  # defined here: Ray pickles it by value
         for i in range(config["steps"]):
@@ -227,7 +231,7 @@ def test_interrupt_watch_tells_tunes_sigint_from_a_normal_end(tmp_path, send_sig
     try:
         if send_sigint:
             ctrl_c.start()
-        with _TuneInterruptWatch() as watch:
+        with _InterruptWatch() as watch:
             grid = tune.Tuner(sleepy, param_space={"steps": steps},
                               run_config=tune.RunConfig(storage_path=str(tmp_path),
                                                         verbose=0)).fit()
@@ -250,7 +254,7 @@ def test_progress_table_renders_every_switch_pattern(space):
     from ray.tune.progress_reporter import _best_trial_str, _trial_progress_table
 
     from search_spaces.space import SWITCH, load_space
-    from study.launcher import progress_reporter
+    from study.tuner import progress_reporter
 
     spec = load_space(space)
     zero = [n for n, p in spec.parameters.items() if getattr(p, "zero", False)]

@@ -1,22 +1,25 @@
-"""StudyTracker against a sqlite store and a real tracking server, including outages."""
+"""StudyTracker and the live Tune callback against a sqlite store and a real tracking server,
+including an outage of the server (what the outage leaves out is ``sync``'s: test_sync.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import pickle
 import time
 import urllib.request
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow_fixtures import free_port, mlflow_server, tracking_uri  # noqa: F401
 
 from analysis import schema as S
-from study.tracking import MLflowTrialCallback, StudyTracker, TrackingError, redact
+from study.tracking import StudyTracker, TrackingError, redact
+from study.tuner import MLflowTrialCallback
 
 
 def _study() -> str:
@@ -67,7 +70,6 @@ def test_experiment_kind_and_description(tracking_uri):
     """The study's experiment is MLflow model development with the tracker's description:
     set when it is created, added to an existing experiment that lacks them (a resumed
     study), and a description the experiment has is kept."""
-    from study.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NOTE_TAG
 
     client = MlflowClient(tracking_uri)
     about = "Study s searches the space quick: a few trials. Report: /studies/s/report.html"
@@ -75,20 +77,20 @@ def test_experiment_kind_and_description(tracking_uri):
     copy = pickle.loads(pickle.dumps(tracker))  # as Tune restores the callback's tracker
     copy.start_study({}, {})  # creates the experiment
     tags = client.get_experiment_by_name(tracker.experiment_name).tags
-    assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
-    assert tags[EXPERIMENT_NOTE_TAG] == about
+    assert tags[S.TAG_EXPERIMENT_KIND] == S.EXPERIMENT_KIND == "custom_model_development"
+    assert tags[S.TAG_EXPERIMENT_NOTE] == about
 
     bare = _study()  # an experiment made without the tags: they are added on resume
     exp_id = client.create_experiment(S.experiment_name(bare))
     StudyTracker(tracking_uri, bare, description=about).start_study({}, {})
     tags = client.get_experiment(exp_id).tags
-    assert (tags[EXPERIMENT_KIND_TAG], tags[EXPERIMENT_NOTE_TAG]) == (EXPERIMENT_KIND, about)
+    assert (tags[S.TAG_EXPERIMENT_KIND], tags[S.TAG_EXPERIMENT_NOTE]) == (S.EXPERIMENT_KIND, about)
 
-    client.set_experiment_tag(exp_id, EXPERIMENT_NOTE_TAG, "edited in the UI")
+    client.set_experiment_tag(exp_id, S.TAG_EXPERIMENT_NOTE, "edited in the UI")
     StudyTracker(tracking_uri, bare, description="new text").start_study({}, {})
-    assert client.get_experiment(exp_id).tags[EXPERIMENT_NOTE_TAG] == "edited in the UI"
+    assert client.get_experiment(exp_id).tags[S.TAG_EXPERIMENT_NOTE] == "edited in the UI"
     StudyTracker(tracking_uri, bare).start_study({}, {})  # no description: nothing removed
-    assert client.get_experiment(exp_id).tags[EXPERIMENT_NOTE_TAG] == "edited in the UI"
+    assert client.get_experiment(exp_id).tags[S.TAG_EXPERIMENT_NOTE] == "edited in the UI"
 
 
 def test_one_run_per_trial_id(tracking_uri):
@@ -143,29 +145,13 @@ def test_end_statuses_and_reopen(tracking_uri):
         tracker.end_trial("ok", "DONE")
 
 
-def test_mark_orphans_killed(tracking_uri):
-    study, client = _study(), MlflowClient(tracking_uri)
-    dead = StudyTracker(tracking_uri, study)  # a driver that gets SIGKILLed
-    dead.start_study({}, {})
-    done, orphan = dead.trial_run("done", {}, None), dead.trial_run("orphan", {}, None)
-    dead.end_trial("done", S.STATUS_FINISHED)
-    resumed = StudyTracker(tracking_uri, study)
-    live = resumed.trial_run("live", {}, None)
-    assert resumed.mark_orphans_killed() == ["orphan"]
-    run = client.get_run(orphan)
-    assert run.info.status == S.STATUS_KILLED
-    assert run.data.tags[S.TAG_STOP_REASON] == S.STOP_REASON_ORPHANED
-    assert client.get_run(done).info.status == S.STATUS_FINISHED
-    assert client.get_run(live).info.status == S.STATUS_RUNNING
-
-
 def test_children_visible_over_rest(tracking_uri):
     if not tracking_uri.startswith("http"):
         pytest.skip("REST API only on the server backend")
     tracker = StudyTracker(tracking_uri, _study())
     parent = tracker.start_study({}, {})
     kids = {tracker.trial_run(t, {}, None) for t in ("a", "b")}
-    body = json.dumps({"experiment_ids": [tracker._get_experiment_id()],
+    body = json.dumps({"experiment_ids": [tracker.experiment_id()],
                        "filter": f"tags.mlflow.parentRunId = '{parent}'"}).encode()
     req = urllib.request.Request(f"{tracking_uri}/api/2.0/mlflow/runs/search", data=body,
                                  headers={"Content-Type": "application/json"})
@@ -184,29 +170,6 @@ def test_sanitised_keys_and_nonfinite(tracking_uri):
     assert run.data.params == {"eval.k_at_": "10"}
     assert S.parse_nonfinite(run.data.tags[S.TAG_NONFINITE]) == [("loss", 1), ("loss", 2)]
     assert client.get_metric_history(run_id, "loss") == []
-
-
-def test_wal_replayed_by_restarted_driver(tracking_uri, tmp_path):
-    study, client = _study(), MlflowClient(tracking_uri)
-    down = StudyTracker(f"http://127.0.0.1:{free_port()}", study, wal_dir=tmp_path)
-    assert down.start_study({"a": 1}, {}) is None  # nothing reachable: queued
-    assert down.trial_run("t1", {"lr": 0.1}, "lr: 0.1\n") is None
-    for epoch in (1, 2):
-        down.log_epoch("t1", {"loss": float(epoch)}, step=epoch)
-    down.end_trial("t1", S.STATUS_FINISHED)
-    wal = next(tmp_path.glob("*.wal.jsonl"))
-    saved = wal.read_text()
-    assert len(saved.splitlines()) == down.pending == 8
-    del down  # the driver dies; a new one replays the file against the real backend
-    for _ in range(2):  # replaying the same file twice must not duplicate anything
-        wal.write_text(saved)
-        again = StudyTracker(tracking_uri, study, wal_dir=tmp_path)
-        assert again.pending == 8 and again.flush(timeout=20)
-        assert not wal.exists()
-    run = client.get_run(again.run_id("t1"))
-    assert run.info.status == S.STATUS_FINISHED
-    assert run.data.params == {"lr": "0.1"}
-    assert _history(client, run.info.run_id, "loss") == [(1, 1.0), (2, 2.0)]
 
 
 def test_secrets_never_logged(tracking_uri, monkeypatch, tmp_path):
@@ -229,28 +192,49 @@ def test_secrets_never_logged(tracking_uri, monkeypatch, tmp_path):
     assert secret not in text and text.startswith("token:")
 
 
+class _Trial:
+    """What the callback reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, config: dict) -> None:
+        self.trial_id, self.config, self.last_result = trial_id, config, {}
+
+    def get_error(self) -> str:
+        return "Failure # 1\n  File x.py\nRuntimeError: boom\n"
+
+    def __str__(self) -> str:
+        return f"jepa_trial_{self.trial_id}"
+
+
+def _why(trial) -> str:
+    return trial.last_result["why"]
+
+
+def _result(epoch: int, **metrics) -> dict:
+    return {"epoch": epoch, "training_iteration": epoch + 10, "time_total_s": 3.0,
+            "done": False, "hostname": "h", "trial_id": "x", "node_id": "n", "diverged": False,
+            **metrics}
+
+
 def test_callback_drives_tracker(tracking_uri):
     tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
     tracker.start_study({}, {})
-    callback = MLflowTrialCallback(tracker)
+    callback = MLflowTrialCallback(tracker, stop_reason=_why)
     copy = pickle.loads(pickle.dumps(callback))  # Tune pickles callbacks into its state
     assert (copy.tracker.study_name, copy.tracker.tracking_uri) == (tracker.study_name,
                                                                     tracking_uri)
-    trial = SimpleNamespace(trial_id="abc_00000", config={"lr": 0.1, "model": {"depth": 2}},
-                            last_result={},
-                            get_error=lambda: "Failure # 1\n  File x.py\nRuntimeError: boom\n")
+    trial = _Trial("abc_00000", {"lr": 0.1, "model": {"depth": 2}})
     callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
     for epoch in (1, 2):
-        result = {"epoch": epoch, "training_iteration": epoch + 10, "dev_ndcg_at_10": 0.1 * epoch,
-                  "time_total_s": 3.0, "done": False, "hostname": "h"}
-        trial.last_result = {**result, "stop_reason": "asha"}
-        callback.on_trial_result(iteration=1, trials=[trial], trial=trial, result=result)
+        trial.last_result = {"why": "asha"}
+        callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
+                                 result=_result(epoch, dev_ndcg_at_10=0.1 * epoch))
     callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
     run = client.get_run(tracker.run_id("abc_00000"))
     assert set(run.data.metrics) == {"dev_ndcg_at_10"}
     assert [s for s, _ in _history(client, run.info.run_id, "dev_ndcg_at_10")] == [1, 2]
     assert (run.info.status, run.data.tags[S.TAG_STOP_REASON]) == (S.STATUS_FINISHED, "asha")
     assert run.data.params == {"lr": "0.1", "model.depth": "2"}
+    assert run.data.tags[S.TAG_RUN_NAME] == "jepa_trial_abc_00000"
     callback.on_trial_error(iteration=3, trials=[trial], trial=trial)
     run = client.get_run(run.info.run_id)
     assert (run.info.status, run.data.tags[S.TAG_STOP_REASON]) == (S.STATUS_FAILED,
@@ -267,37 +251,53 @@ def test_check_reachable_fails_fast_on_dead_port():
 
 def test_mlflow_key():
     assert S.mlflow_key("ndcg@10") == "ndcg_at_10"
-    assert S.final_key("recall@100") == "final_recall_at_100"
     for name in ("a/../b", "/x//y/", "..z", "é:ü", "", "x" * 300):
         key = S.mlflow_key(name)
         assert key == S.mlflow_key(key) and not key.startswith(("/", ".."))
         assert len(key) <= 250 and all(c.isascii() for c in key)
 
 
-def test_server_down_mid_study(mlflow_server, tmp_path):
+def test_server_down_mid_study(mlflow_server, caplog):
+    """The live callback under an outage: MLflow's own retries (bounded, not off) stall the
+    first write that fails for seconds at most, later ones are skipped at once while the server
+    is away (the study is not held up), a single warning says so, and writing resumes once it
+    answers again. The epochs it missed are ``sync``'s (test_sync.py)."""
     server = mlflow_server  # stopped and restarted: same port, same store
     if server.proc is None:
         server.start()
     server.wait()
+    caplog.set_level(logging.WARNING, logger="study.tuner")
     try:
-        tracker = StudyTracker(server.uri, _study(), wal_dir=tmp_path / "wal")
+        tracker = StudyTracker(server.uri, _study())
+        assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) > 0
         tracker.start_study({}, {})
-        run_id = tracker.trial_run("t1", {"lr": 0.1}, None)
-        tracker.log_epoch("t1", {"loss": 1.0}, step=1)
+        callback = MLflowTrialCallback(tracker)
+        callback.RETRY_S = 1.0
+        trial = _Trial("t1", {"lr": 0.1})
+        callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
+        callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
+                                 result=_result(1, loss=1.0))
+        run_id = tracker.run_id("t1")
         server.stop()
-        for epoch in (2, 3):
-            start = time.monotonic()
-            tracker.log_epoch("t1", {"loss": float(epoch)}, step=epoch)
-            assert time.monotonic() - start < 3
-        tracker.end_trial("t1", S.STATUS_FINISHED)
-        assert tracker.pending == 3 and list((tmp_path / "wal").glob("*.wal.jsonl"))
-        assert not tracker.flush(timeout=1)
+        start = time.monotonic()
+        callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
+                                 result=_result(2, loss=2.0))
+        assert time.monotonic() - start < 30  # MLflow's retries, then the callback gives up
+        start = time.monotonic()
+        callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
+                                 result=_result(3, loss=3.0))
+        assert time.monotonic() - start < 3  # skipped while the server is away
+        warned = [r.getMessage() for r in caplog.records if r.name == "study.tuner"]
+        assert len(warned) == 1 and "failed" in warned[0] and "sync" in warned[0], warned
         server.start()
-        assert tracker.flush(timeout=30)
+        time.sleep(callback.RETRY_S)
+        callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
+                                 result=_result(4, loss=4.0))
+        callback.on_trial_complete(iteration=1, trials=[trial], trial=trial)
         client = MlflowClient(server.uri)
-        assert _history(client, run_id, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+        assert _history(client, run_id, "loss") == [(1, 1.0), (4, 4.0)]  # 2, 3: sync's
         assert client.get_run(run_id).info.status == S.STATUS_FINISHED
-        assert not list((tmp_path / "wal").glob("*.wal.jsonl"))
+        assert "answers again" in caplog.records[-1].getMessage()
     finally:
         if server.proc is None:
             server.start()

@@ -16,7 +16,8 @@ from study_helpers import child_runs, tiny_space
 
 from search_spaces.space import load_space
 from study.cli import main
-from study.launcher import StudyOptions, launch, load_meta
+from study.launcher import launch
+from study.studydir import StudyOptions, load_meta
 from trainables.config import RunConfig
 
 

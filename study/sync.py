@@ -1,0 +1,361 @@
+"""Make a study's MLflow view whole from its record: ``jepa-study sync STUDY``.
+
+The record is Tune's experiment directory and Optuna's storage; MLflow is a view of it, kept
+live by the Tune callback and made whole here at any time: one child run per trial, each
+(key, step) once, params and config once, true statuses, the parent's summary. Sync only adds
+what is missing and corrects what is wrong, so a second run changes nothing. Tune's state is
+read through its public ``ExperimentAnalysis``; each trial's results from its ``result.json``,
+row by row (see ``docs/record.md`` for why, and for the whole design).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mlflow.entities import Metric
+
+from analysis import schema as S
+from study.studydir import (StudyError, describe, experiment_dir, is_live, load_meta,
+                            optuna_counts, summarize)
+from study.tracking import StudyTracker, TrackedRun, TrackingError, metric_entries
+
+#: Tune's statuses of a trial that has ended, as MLflow run statuses
+ENDED = {"TERMINATED": S.STATUS_FINISHED, "ERROR": S.STATUS_FAILED}
+#: Tune's bookkeeping in a result, besides Ray's ``AUTO_RESULT_KEYS``: not metrics
+_BOOKKEEPING = {"done", "trial_id", "epoch", "experiment_tag", "should_checkpoint"}
+
+
+@dataclass
+class TrialRecord:
+    """One trial as Tune recorded it (``status`` ``UNKNOWN``: reported before Tune saved it)."""
+
+    trial_id: str
+    name: str
+    status: str
+    config: dict[str, Any]
+    results: list[dict[str, Any]]
+    error: str | None = None
+
+    @property
+    def last_result(self) -> dict[str, Any]:
+        return self.results[-1] if self.results else {}
+
+
+@dataclass
+class SyncReport:
+    """What a sync changed: trial ids whose run it created, rebuilt (a point held twice),
+    ended, or found left RUNNING and ended KILLED; points logged; duplicate runs merged."""
+
+    trials: int = 0
+    created: list[str] = field(default_factory=list)
+    logged: int = 0
+    merged: int = 0
+    rebuilt: list[str] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
+    orphaned: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- the record ----------------------------------------------------------------------------------
+
+def read_trials(experiment: Path) -> list[TrialRecord]:
+    """Every trial of the Tune experiment in ``experiment``: those in Tune's saved state, then
+    those that reported before Tune first saved them, read from their directories alone."""
+    trials: dict[str, TrialRecord] = {}
+    if any(experiment.glob("experiment_state-*.json")):
+        for t in _analysis(experiment).trials:
+            trials[t.trial_id] = TrialRecord(
+                t.trial_id, str(t), t.status, dict(t.config or {}), _results(Path(t.path)),
+                trial_error(t) if t.status == "ERROR" else None)
+    for path in sorted(experiment.glob("*/result.json")):
+        results = _results(path.parent)
+        trial_id = str(results[0].get("trial_id", "")) if results else ""
+        if trial_id and trial_id not in trials:  # Tune's saved state does not know it yet
+            name = path.parent.name.split(f"_{trial_id}")[0] + f"_{trial_id}"
+            trials[trial_id] = TrialRecord(trial_id, name, "UNKNOWN",
+                                           dict(results[0].get("config") or {}), results)
+    return list(trials.values())
+
+
+def _analysis(experiment: Path, attempts: int = 5):
+    """Tune's ``ExperimentAnalysis``, tried again while a live driver copies a state file."""
+    from ray.tune import ExperimentAnalysis
+
+    for attempt in range(attempts):
+        try:
+            return ExperimentAnalysis(str(experiment))
+        except Exception:  # noqa: BLE001 - re-raised on the last attempt
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+
+
+def _results(trial_dir: Path) -> list[dict[str, Any]]:
+    path = trial_dir / "result.json"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the torn last line of a killed driver
+            continue
+    return rows
+
+
+def result_metrics(result: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A Tune result as ``(step, metrics)``: the epoch (else Tune's iteration) and all that is
+    not Tune's bookkeeping."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    step = result.get("epoch", result.get("training_iteration", 0))
+    return int(step), {k: v for k, v in result.items()
+                       if k not in _BOOKKEEPING and k not in AUTO_RESULT_KEYS}
+
+
+def stop_reason(study_dir: str | Path, max_epochs: int, trial: Any) -> str:
+    """Why a trial that ended without error ended: the collapse guard (its marker file), the
+    loop's own end (budget, patience), or the scheduler (ASHA)."""
+    marker = Path(study_dir) / "stops" / f"{trial.trial_id}.txt"
+    if marker.exists():
+        return marker.read_text()
+    result = trial.last_result or {}
+    if result.get("end_reason"):
+        return str(result["end_reason"])
+    epoch = result.get("epoch")
+    if epoch is not None and epoch < max_epochs:
+        return f"early_stopped: scheduler stopped the trial after epoch {epoch}"
+    return "completed"
+
+
+def trial_error(trial: Any) -> str:
+    """The last line of a failed trial's error (``RuntimeError: boom``: a stop reason that
+    groups), from the driver's copy while it runs, else from the stored one."""
+    text = None
+    for read in (lambda: Path(trial.error_file).read_text(errors="replace"), trial.get_error):
+        try:
+            text = text or read()
+        except Exception:  # noqa: BLE001 - no such copy: try the next
+            continue
+    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(text or "")).splitlines()
+             if ln.strip()]
+    return lines[-1].strip()[:S.MAX_TAG_VALUE_LENGTH] if lines else "trial errored"
+
+
+# -- what the view shows of the record -------------------------------------------------------
+
+def open_tracker(meta: dict[str, Any], spec: Any) -> StudyTracker:
+    return StudyTracker(meta["mlflow_uri"], meta["name"], description=describe(meta, spec))
+
+
+def study_fields(meta: dict[str, Any], spec: Any) -> tuple[dict, dict, str]:
+    """The parent run's params, tags and space text."""
+    opts = meta["options"]
+    params = {"space": Path(meta["space_file"]).stem,
+              "num_samples": opts.get("num_samples") or spec.num_samples,
+              "data": meta["data_dir"], "seed": getattr(spec.searcher_spec, "seed", None),
+              "num_workers": opts.get("num_workers"),
+              "gpus_per_worker": opts.get("gpus_per_worker"),
+              **{f"{p}_version": _version(p) for p in ("ray", "optuna", "mlflow", "torch")},
+              "python": platform.python_version()}
+    tags = {S.TAG_GIT_COMMIT: meta.get("git_commit", "unknown"), S.TAG_STUDY_DIR: str(meta["dir"])}
+    return params, tags, Path(meta["space_file"]).read_text()
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def trial_fields(trial_config: Callable[[dict], Any] | None,
+                 config: dict[str, Any]) -> tuple[dict, str | None]:
+    """A trial's params (its run config flattened, and its searched values under ``search.``)
+    and its config as YAML, from one build of its run config."""
+    if trial_config is None:
+        import yaml
+
+        return dict(config), yaml.safe_dump(dict(config), sort_keys=True)
+    from trainables.config import flatten
+
+    cfg = trial_config(config)
+    return ({**flatten(cfg.to_dict()), **{S.search_key(k): v for k, v in config.items()}},
+            cfg.to_yaml())
+
+
+# -- sync ------------------------------------------------------------------------------------------
+
+def sync(study: str | Path, *, tracker: StudyTracker | None = None,
+         trials: list[TrialRecord] | None = None, live: bool | None = None,
+         ending: tuple[str, str | None] | None = None) -> SyncReport:
+    """Makes the MLflow view of the study in ``study`` whole from its record.
+
+    Args:
+        tracker: The tracker to write with (default: one for the study's tracking URI).
+        trials: Tune's record of the trials, if read already (:func:`read_trials`).
+        live: Whether a driver runs the study (default: whether one holds its lock): the runs
+            of its unfinished trials stay RUNNING.
+        ending: ``(status, reason)`` of a driver that stops the study: the parent's; every
+            run left RUNNING ends KILLED with that reason. Default: the parent FINISHED once
+            the study has its summary; runs left RUNNING by a driver that is gone KILLED as
+            orphaned.
+    """
+    from search_spaces.space import load_space
+
+    meta = load_meta(study)
+    spec = load_space(meta["space_file"])
+    live = is_live(meta["dir"]) if live is None else live
+    if tracker is None:
+        tracker = open_tracker(meta, spec)
+        try:
+            tracker.check_reachable()
+        except TrackingError as exc:
+            raise StudyError(f"{exc}: nothing was synced") from None
+    tracker.forget()
+    trials = read_trials(experiment_dir(meta)) if trials is None else trials
+    report = SyncReport(trials=len(trials))
+    found = _study_runs(tracker)
+    parent = _one_run(tracker, None, found.pop(None, []), report) or tracker.run()
+    params, tags, space_yaml = study_fields(meta, spec)
+    tracker.fill(parent, params, {**tags, S.TAG_ROLE: S.ROLE_STUDY}, {S.ARTIFACT_SPACE: space_yaml})
+    max_epochs = spec.base_config().train.total_epochs
+
+    def config_of(params: dict) -> Any:
+        return spec.trial_config(params, data_path=meta["data_dir"])
+
+    leftover = (S.STATUS_KILLED, (ending and ending[1]) or S.STOP_REASON_ORPHANED)
+    statuses: dict[str, int] = {}
+    for trial in trials:
+        run = _one_run(tracker, trial.trial_id, found.pop(trial.trial_id, []), report)
+        if run is None and not trial.results and trial.status not in ENDED:
+            continue  # never started: nothing to show
+        if run is None:
+            run = tracker.run(trial.trial_id)
+            report.created.append(trial.trial_id)
+        params, text = trial_fields(config_of, trial.config) if not run.params else (None, None)
+        tracker.fill(run, params, {S.TAG_PARENT_RUN_ID: parent.run_id,
+                                   S.TAG_RUN_NAME: trial.name}, {S.ARTIFACT_CONFIG: text})
+        report.logged += _log_results(tracker, run, trial.results)
+        if trial.status in ENDED:
+            want = ENDED[trial.status]
+            if run.status != want or S.TAG_STOP_REASON not in run.tags:
+                reason = trial.error if trial.status == "ERROR" else \
+                    stop_reason(meta["dir"], max_epochs, trial)
+                tracker.end(run, want, reason)
+                report.ended.append(trial.trial_id)
+        elif run.status == S.STATUS_RUNNING and not live:
+            tracker.end(run, *leftover)
+            report.orphaned.append(trial.trial_id)
+        statuses[run.status] = statuses.get(run.status, 0) + 1
+    for trial_id, runs in found.items():  # runs of trials Tune lost with a killed driver
+        run = _one_run(tracker, trial_id, runs, report)
+        tracker.set_tags(run, {S.TAG_PARENT_RUN_ID: parent.run_id})
+        if run.status == S.STATUS_RUNNING and not live:
+            tracker.end(run, *leftover)
+            report.orphaned.append(trial_id)
+        statuses[run.status] = statuses.get(run.status, 0) + 1
+    _summarize(tracker, parent, meta, spec, trials, statuses)
+    if ending is not None:
+        tracker.end(parent, *ending)
+    elif not live and (meta["dir"] / "summary.json").exists():
+        tracker.end(parent, S.STATUS_FINISHED, None)
+    elif not live and parent.status == S.STATUS_RUNNING:
+        tracker.end(parent, S.STATUS_KILLED, S.STOP_REASON_ORPHANED)
+    return report
+
+
+def _study_runs(tracker: StudyTracker) -> dict[str | None, list]:
+    """The study's active runs, oldest first, by trial id (None: the parent)."""
+    client, runs, token = tracker.client, {}, None
+    while True:
+        page = client.search_runs([tracker.experiment_id()],
+                                  f"tags.`{S.TAG_STUDY}` = '{tracker.study_name}'",
+                                  max_results=1000, order_by=["attributes.start_time ASC"],
+                                  page_token=token)
+        for run in page:
+            role = run.data.tags.get(S.TAG_ROLE)
+            if role == S.ROLE_STUDY:
+                runs.setdefault(None, []).append(run)
+            elif role == S.ROLE_TRIAL and run.data.tags.get(S.TAG_TRIAL_ID):
+                runs.setdefault(run.data.tags[S.TAG_TRIAL_ID], []).append(run)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _one_run(tracker: StudyTracker, key: str | None, runs: list,
+             report: SyncReport) -> TrackedRun | None:
+    """The oldest of ``runs`` (those of one trial; ``key`` None: the parent), rebuilt if it
+    holds a (key, step) twice, with the others merged into it and deleted; None if none."""
+    if not runs:
+        return None
+    run = tracker.adopt(key, runs[0])
+    points = tracker.history(run)
+    if any(len(ms) > 1 for ms in points.values()):
+        run = _rebuild(tracker, key, run, points)
+        report.rebuilt.append(key or "study")
+    for other in runs[1:]:
+        extra = TrackedRun.of(other)
+        tracker.log_metrics(run, [ms[0] for ms in tracker.history(extra).values()])
+        tracker.fill(run, extra.params, {}, {})
+        tracker.client.delete_run(extra.run_id)
+        report.merged += 1
+    return run
+
+
+def _rebuild(tracker: StudyTracker, key: str | None, run: TrackedRun,
+             points: dict[tuple[str, int], list[Metric]]) -> TrackedRun:
+    """A new run in place of ``run``: its tags, params, artifacts, status and the first point
+    of each (key, step); ``run`` is deleted."""
+    client = tracker.client
+    tags = {k: v for k, v in run.tags.items()
+            if not k.startswith("mlflow.") or k in (S.TAG_PARENT_RUN_ID, S.TAG_RUN_NAME)}
+    fresh = tracker.adopt(key, client.create_run(tracker.experiment_id(), tags=tags))
+    fresh.logged = set()
+    tracker.fill(fresh, run.params, {}, {})
+    tracker.log_metrics(fresh, [min(ms, key=lambda m: m.timestamp) for ms in points.values()])
+    with tempfile.TemporaryDirectory() as tmp:
+        if client.list_artifacts(run.run_id):
+            client.log_artifacts(fresh.run_id, client.download_artifacts(run.run_id, "", tmp))
+    if run.status != S.STATUS_RUNNING:
+        tracker.end(fresh, run.status, run.tags.get(S.TAG_STOP_REASON))
+    client.delete_run(run.run_id)
+    return fresh
+
+
+def _log_results(tracker: StudyTracker, run: TrackedRun, results: list[dict]) -> int:
+    points, nonfinite = [], []
+    for result in results:
+        step, metrics = result_metrics(result)
+        finite, bad = metric_entries(metrics)
+        stamp = int(float(result.get("timestamp") or time.time()) * 1000)
+        points += [Metric(k, v, stamp, step) for k, v in finite.items()]
+        nonfinite += [(k, step) for k in bad]
+    logged = tracker.log_metrics(run, points)
+    tracker.note_nonfinite(run, nonfinite)
+    return logged
+
+
+def _summarize(tracker: StudyTracker, parent: TrackedRun, meta: dict, spec: Any,
+               trials: list[TrialRecord], statuses: dict[str, int]) -> None:
+    """The parent's summary tags: the best trial and the trials by status."""
+    summary = summarize(meta, trials, spec)
+    optuna, _ = optuna_counts(meta)
+    tags = {S.count_tag("runs", s): statuses.get(s, 0)
+            for s in (S.STATUS_RUNNING, *S.END_STATUSES)}
+    tags.update({S.count_tag("optuna", s): optuna.get(s, 0)
+                 for s in ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")})
+    if summary["best"]:
+        tags.update({S.TAG_BEST_TRIAL: summary["best"]["trial_id"],
+                     S.TAG_BEST_VALUE: summary["best"][summary["metric"]]})
+    tracker.set_tags(parent, tags)

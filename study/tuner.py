@@ -1,0 +1,285 @@
+"""The Ray Tune side of a study: the Tuner built from a space (trainable, searcher, scheduler,
+stopper, callbacks, console table) or restored, and :func:`fit`, which tells whether Ctrl-C
+stopped it. Tune's JSON result files, written by a callback here, are the study's record of
+every result."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ray
+from ray import tune
+from ray.tune import Callback, Stopper
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from analysis import schema as S
+from search_spaces.searcher import build_searcher
+from study.studydir import StudyOptions, experiment_dir, optuna_url
+from study.sync import result_metrics, stop_reason, trial_error, trial_fields
+from study.tracking import StudyTracker
+from study.trial import CheckpointGuard, make_trainable, max_concurrent_trials, trial_resources
+
+log = logging.getLogger(__name__)
+
+#: Checkpoints each trial keeps in Tune's storage (Tune keeps every one by default); the
+#: newest two, so that a trial falls back to the older one when the newest is damaged
+KEEP_TUNE_CHECKPOINTS = 2
+
+
+def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict[str, Any],
+               tracker: StudyTracker, resume: bool) -> tune.Tuner:
+    """The study's Tuner: Tune's saved experiment when resuming one, else a new one."""
+    use_gpu = opts.gpus_per_worker > 0
+    trial_config = partial(spec.trial_config, data_path=meta["data_dir"])
+    trainable = make_trainable(
+        study_dir=meta["dir"], num_workers=opts.num_workers, use_gpu=use_gpu,
+        gpus_per_worker=opts.gpus_per_worker or 1, cpus_per_worker=opts.cpus_per_worker,
+        max_failures=opts.max_failures, execution=opts.execution,
+        checkpoint_interval_s=opts.checkpoint_interval_s, config_builder=trial_config,
+        objective_keys=[spec.metric] if isinstance(spec.metric, str) else spec.metric,
+        shared=shared)
+    trainable = tune.with_resources(trainable, trial_resources(
+        opts.num_workers, use_gpu, opts.cpus_per_worker, opts.gpus_per_worker or 1,
+        opts.execution))
+    path = str(experiment_dir(meta))
+    if resume and tune.Tuner.can_restore(path):
+        # the callbacks come back from Tune's saved state: the MLflow writer pickles its
+        # settings only and opens its own client
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    total = ray.cluster_resources()
+    concurrency = opts.max_concurrent_trials or spec.max_concurrent_trials or \
+        max_concurrent_trials(total.get("CPU", 1), total.get("GPU", 0),
+                              num_workers=opts.num_workers, use_gpu=use_gpu,
+                              cpus_per_worker=opts.cpus_per_worker,
+                              gpus_per_worker=opts.gpus_per_worker or 1, execution=opts.execution)
+    max_epochs = spec.base_config().train.total_epochs
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(),
+                 MLflowTrialCallback(tracker, trial_config,
+                                     partial(stop_reason, str(meta["dir"]), max_epochs))]
+    multi = not isinstance(spec.metric, str)
+    if spec.scheduler.kind == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.scheduler.max_t or max_epochs,
+                                  grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    stopper = None if spec.collapse_guard is None else CollapseStopper(
+        str(meta["dir"]), spec.collapse_guard.metric, spec.collapse_guard.min_effective_rank)
+    return tune.Tuner(
+        trainable,
+        # reuse_actors: a new trial takes over a finished trial's process, with torch and the
+        # trainables already imported; every trial seeds its own RNGs and sets its thread
+        # count, so nothing else carries over.
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(spec, optuna_url(meta["dir"]), meta["name"]),
+            scheduler=scheduler, metric=None if multi else spec.metric,
+            mode=None if multi else spec.mode,
+            num_samples=opts.num_samples or spec.num_samples,
+            max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=meta["name"], storage_path=str(meta["dir"] / "ray"), stop=stopper,
+            callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_TUNE_CHECKPOINTS),
+            verbose=opts.verbose, progress_reporter=progress_reporter(spec)))
+
+
+def fit(tuner: tune.Tuner) -> bool:
+    """Runs the Tuner to the end; True when a SIGINT (Ctrl-C, or the command line's SIGTERM)
+    stopped it instead: Tune then saved its state, stopped the trials and returned."""
+    # Tune's JSON and CSV result files are passed as callbacks, not its TensorBoard logger
+    # (MLflow is the study's tracker, and that logger imports tensorboardX); the classic
+    # console table takes chosen columns. Tune reads both switches inside ``fit``.
+    with _InterruptWatch() as watch, _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1",
+                                              RAY_AIR_NEW_OUTPUT="0"):
+        tuner.fit()
+    return watch.interrupted
+
+
+class MLflowTrialCallback(Callback):
+    """Writes each trial's MLflow child run live: params and config (from ``trial_config``:
+    Tune config -> ``RunConfig``; None: the Tune config), every epoch, the end (with
+    ``stop_reason``: Tune trial -> why it ended without error).
+
+    MLflow is a view: when a write fails (after MLflow's own retries) the callback warns once,
+    skips writes until the server answers again (asked at most every :attr:`RETRY_S`
+    seconds), and the study goes on; ``study.sync`` fills in what was missed.
+    """
+
+    RETRY_S = 5.0
+
+    def __init__(self, tracker: StudyTracker, trial_config: Callable[[dict], Any] | None = None,
+                 stop_reason: Callable[[Any], str] | None = None) -> None:
+        self.tracker, self.trial_config, self.stop_reason = tracker, trial_config, stop_reason
+        self._opened: set[str] = set()
+        self._retry_at: float | None = None  # while MLflow is unreachable
+
+    def __getstate__(self) -> dict:
+        return {"tracker": self.tracker, "trial_config": self.trial_config,
+                "stop_reason": self.stop_reason}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._write(self._open, trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        self._write(self._log, trial, *result_metrics(result))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = self.stop_reason(trial) if self.stop_reason else None
+        self._write(self._end, trial, S.STATUS_FINISHED, reason)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._write(self._end, trial, S.STATUS_FAILED, trial_error(trial))
+
+    def _open(self, trial: Any) -> None:
+        params, config_yaml = trial_fields(self.trial_config, trial.config)
+        self.tracker.trial_run(trial.trial_id, params, config_yaml,
+                               tags={S.TAG_RUN_NAME: str(trial)})
+        self._opened.add(trial.trial_id)
+
+    def _log(self, trial: Any, step: int, metrics: dict) -> None:
+        if trial.trial_id not in self._opened:
+            self._open(trial)
+        self.tracker.log_epoch(trial.trial_id, metrics, step)
+
+    def _end(self, trial: Any, status: str, reason: str | None) -> None:
+        if trial.trial_id not in self._opened:
+            self._open(trial)
+        self.tracker.end_trial(trial.trial_id, status, reason)
+        self._opened.discard(trial.trial_id)
+
+    def _write(self, write: Callable, trial: Any, *args: Any) -> None:
+        if self._retry_at is not None:
+            now = time.monotonic()
+            if now < self._retry_at:
+                return
+            if not self.tracker.reachable():
+                self._retry_at = now + self.RETRY_S
+                return
+            log.warning("MLflow %s answers again", self.tracker.tracking_uri)
+            self._retry_at = None
+        try:
+            write(trial, *args)
+        except Exception as err:  # noqa: BLE001 - a view's outage must not stop the study
+            self.tracker.forget()  # what it knew of the runs may be stale now
+            self._opened.clear()
+            if self._retry_at is None:
+                log.warning("MLflow %s: a write for trial %s failed (%s); the study goes on, "
+                            "and `jepa-study sync` fills in what was missed when it ends",
+                            self.tracker.tracking_uri, trial.trial_id,
+                            (str(err).splitlines() or [type(err).__name__])[0][:200])
+            self._retry_at = time.monotonic() + self.RETRY_S
+
+
+class CollapseStopper(Stopper):
+    """Ends a trial whose effective rank falls below a threshold, writing why to
+    ``<study_dir>/stops/<trial_id>.txt`` (read by :func:`study.sync.stop_reason`)."""
+
+    def __init__(self, study_dir: str, metric: str, minimum: float):
+        self.study_dir, self.metric, self.minimum = study_dir, metric, minimum
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        value = result.get(self.metric)
+        if value is None or value >= self.minimum:
+            return False
+        stops = Path(self.study_dir) / "stops"
+        stops.mkdir(parents=True, exist_ok=True)
+        (stops / f"{trial_id}.txt").write_text(
+            f"collapse: {self.metric} {value:.3g} < {self.minimum:g} at epoch "
+            f"{result.get('epoch')}")
+        return True
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def progress_reporter(spec: Any) -> tune.CLIReporter:
+    """Tune's console table of a study: epoch, dev figures, and the always-set parameters."""
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "dev_ndcg_at_10": "dev nDCG@10",
+                        "best_dev_ndcg_at_10": "best dev", "best_epoch": "best ep",
+                        "effective_rank": "eff. rank"},
+        parameter_columns=always_suggested(spec),
+        sort_by_metric=isinstance(spec.metric, str),
+        max_report_frequency=15, print_intermediate_tables=True)
+
+
+def always_suggested(spec: Any) -> dict[str, str]:
+    """Table columns: the parameters every trial has (Tune's table fails on an absent key).
+
+    A parameter without ``when`` is suggested in every trial, as is its on/off switch, except
+    the switch of the last member of ``at_least_one_on``: it is not suggested (forced on)
+    when the other members are off. A ``zero`` parameter's value is absent while it is off.
+    """
+    from search_spaces.space import SWITCH
+
+    forced = spec.at_least_one_on[-1] if spec.at_least_one_on else None
+    columns = {}
+    for name, p in spec.parameters.items():
+        if p.when:
+            continue
+        short = name.split(".")[-1]
+        if not getattr(p, "zero", False):
+            columns[name] = short
+        elif name != forced:
+            columns[name + SWITCH] = short + " on"
+    return columns
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Environment variables set for the duration, then put back (other Tune users in this
+    process see what they saw before)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _InterruptWatch:
+    """Tells, once ``Tuner.fit`` has returned, whether Tune caught a SIGINT and stopped early:
+    ``with _InterruptWatch() as watch: fit()``, then ``watch.interrupted``.
+
+    On SIGINT Tune saves its state, stops the running trials (marking them TERMINATED, like
+    finished ones) and returns instead of raising, so the result grid cannot tell. What does
+    tell: Tune's handler, installed by ``fit``, puts back the handler it found when it fires,
+    and only then. A sentinel handler installed here is therefore back in place when ``fit``
+    returns exactly when Tune was interrupted. Off the main thread Tune catches no signal,
+    and nothing is installed.
+    """
+
+    interrupted = False
+
+    def __enter__(self) -> "_InterruptWatch":
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._sentinel)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            self.interrupted = signal.getsignal(signal.SIGINT) == self._sentinel
+            signal.signal(signal.SIGINT, self._previous)
+
+    @staticmethod
+    def _sentinel(signum: int, frame: Any) -> None:  # Ctrl-C outside ``fit``: Python's default
+        raise KeyboardInterrupt
