@@ -48,6 +48,7 @@ ROLE_TRIAL = "trial"
 ROLE_ANSWER = "answer"  #: the parent run of a `jepa-study answer` (its report and table)
 ROLE_RETRAIN = "retrain"  #: a run the answer retrained over a fresh seed
 TAG_ANSWER_RUN = "jepa.answer_run"  #: ``<dataset>/<system>/<seed>`` of a retrained run
+TAG_PER_QUERY_EPOCH = "jepa.per_query_epoch"  #: the best epoch whose per_query.json is logged
 
 # --- experiment tags (MLflow's names) ----------------------------------------------------------
 #: the experiment's kind: MLflow model development (runs, params, metrics), not GenAI (traces)
@@ -70,7 +71,7 @@ ARTIFACT_CONFIG = "config.yaml"  #: resolved trial config, on child runs
 ARTIFACT_SPACE = "space.yaml"  #: the study's search space, on the parent run
 ARTIFACT_REPORT = "report"  #: artifact folder of the HTML report and its figures (parent run)
 ARTIFACT_ANSWER = "answer"  #: artifact folder of the answer's HTML, JSON and Markdown
-ARTIFACT_PER_QUERY = "per_query.json"  #: per-query test nDCG@10 of a retrained run
+ARTIFACT_PER_QUERY = "per_query.json"  #: the best epoch's per-query test nDCG@10 of a run
 
 # --- study directory -------------------------------------------------------------------------
 OPTUNA_DB = "optuna.db"  #: Optuna's RDB storage inside the study directory

@@ -77,7 +77,7 @@ class Ours:
         self.model = JEPAModel(cfg.model, base,
                                base_dim=features.dim if cached else None).to(device)
         phase = cfg.train.resolved_phases()[0]
-        self.criterion = JEPALoss(loop.phase_loss(cfg, phase), cfg.model.similarity)
+        self.criterion = JEPALoss(cfg.phase_loss(phase), cfg.model.similarity)
         self.optimizer = loop._optimizer(self.model, cfg, phase)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
         self.amp = loop.autocast_device(cfg, device)

@@ -419,10 +419,7 @@ def _log_mlflow(uri: str, name: str, paths: dict[str, Path], jobs, results,
                 client.log_metric(run, S.mlflow_key(k), float(v))
         client.log_metric(run, "best_dev_ndcg_at_10", float(res["best_dev_ndcg_at_10"]))
         client.log_metric(run, "best_epoch", float(res["best_epoch"]))
-        per_query = out_dir / S.ARTIFACT_PER_QUERY
-        per_query.write_text(json.dumps({"test": res["test_per_query"],
-                                         "transfer": res.get("transfer_per_query") or {}}))
-        client.log_artifact(run, str(per_query))
+        client.log_artifact(run, str(out_dir / S.ARTIFACT_PER_QUERY))  # the loop wrote it
         client.log_text(run, cfg.to_yaml(), S.ARTIFACT_CONFIG)
         client.set_terminated(run, S.STATUS_FINISHED)
 

@@ -4,7 +4,7 @@
     space.yaml    the space as given (with warm-start points, if any)
     optuna.db     Optuna's storage: the search history          } the record
     ray/<name>/   Tune's experiment: trial states and results   }
-    trials/<id>/  each trial's loop output (checkpoints, metrics.json)
+    trials/<id>/  each trial's loop output (checkpoints, metrics.json, per_query.json)
     stops/<id>.txt  why the collapse guard stopped a trial
     mlflow.db     the embedded MLflow store (unless --mlflow-uri): a view of the record
     summary.json  written when the study ends normally
@@ -77,6 +77,11 @@ def optuna_url(study_dir: Path) -> str:
 def experiment_dir(meta: dict[str, Any]) -> Path:
     """Tune's experiment directory of the study."""
     return meta["dir"] / "ray" / meta["name"]
+
+
+def trial_output_dir(study_dir: Path, trial_id: str) -> Path:
+    """Where a trial's loop writes (checkpoints, ``metrics.json``, ``per_query.json``)."""
+    return Path(study_dir) / "trials" / trial_id
 
 
 def load_meta(study: str | Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from mlflow.entities import Metric
 
 from analysis import schema as S
 from study.studydir import (StudyError, describe, experiment_dir, is_live, load_meta,
-                            optuna_counts, summarize)
+                            optuna_counts, summarize, trial_output_dir)
 from study.tracking import StudyTracker, TrackedRun, TrackingError, metric_entries
 
 #: Tune's statuses of a trial that has ended, as MLflow run statuses
@@ -246,6 +246,7 @@ def sync(study: str | Path, *, tracker: StudyTracker | None = None,
         tracker.fill(run, params, {S.TAG_PARENT_RUN_ID: parent.run_id,
                                    S.TAG_RUN_NAME: trial.name}, {S.ARTIFACT_CONFIG: text})
         report.logged += _log_results(tracker, run, trial.results)
+        _log_per_query(tracker, run, trial_output_dir(meta["dir"], trial.trial_id))
         if trial.status in ENDED:
             want = ENDED[trial.status]
             if run.status != want or S.TAG_STOP_REASON not in run.tags:
@@ -344,6 +345,18 @@ def _log_results(tracker: StudyTracker, run: TrackedRun, results: list[dict]) ->
     logged = tracker.log_metrics(run, points)
     tracker.note_nonfinite(run, nonfinite)
     return logged
+
+
+def _log_per_query(tracker: StudyTracker, run: TrackedRun, trial_dir: Path) -> None:
+    """The per-query test figures of the trial's best epoch (the loop's ``per_query.json``)
+    as the run's artifact, logged again only when a later best epoch replaced them."""
+    path = trial_dir / S.ARTIFACT_PER_QUERY
+    if not path.exists():
+        return
+    epoch = str(json.loads(path.read_text()).get("best_epoch"))
+    if run.tags.get(S.TAG_PER_QUERY_EPOCH) != epoch:
+        tracker.client.log_artifact(run.run_id, str(path))
+        tracker.set_tags(run, {S.TAG_PER_QUERY_EPOCH: epoch})
 
 
 def _summarize(tracker: StudyTracker, parent: TrackedRun, meta: dict, spec: Any,

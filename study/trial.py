@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ray.tune import Callback
 
+from study.studydir import trial_output_dir
+
 EXECUTIONS = ("auto", "direct", "train")
 STOP_REASON = "stop_reason"
 DIVERGED_MARKER = "DIVERGED.json"
@@ -139,11 +141,6 @@ def max_concurrent_trials(total_cpus: float, total_gpus: float = 0, *, num_worke
         raise ValueError(f"one trial needs {cpus:g} CPU and {gpus:g} GPU but the cluster has "
                          f"{total_cpus:g} CPU and {total_gpus:g} GPU: no trial could start")
     return n
-
-
-def trial_output_dir(study_dir: Path, trial_id: str) -> Path:
-    """Where a trial's loop writes (checkpoints, ``metrics.json``, ``config.yaml``)."""
-    return Path(study_dir) / "trials" / trial_id
 
 
 class CheckpointGuard(Callback):

@@ -109,9 +109,7 @@ def test_phase_loss_overrides_merge_with_run_loss():
     cfg = RunConfig.from_dict({"loss": {"lambda_pred": 1.0, "lambda_con": 0.5}, "train": {
         "phases": [{"name": "isotropy_finetune",
                     "loss": {"lambda_pred": 0.0, "lambda_iso": 0.02, "isotropy": "sigreg"}}]}})
-    from trainables.loop import phase_loss
-
-    merged = phase_loss(cfg, cfg.train.phases[0])
+    merged = cfg.phase_loss(cfg.train.phases[0])
     assert (merged.lambda_pred, merged.lambda_con, merged.lambda_iso) == (0.0, 0.5, 0.02)
     assert merged.isotropy == "sigreg"
 

@@ -216,6 +216,10 @@ def test_final_figures_are_the_best_dev_epochs(tmp_path, scifact_dir, scifact,
     for scoring in ("query", "predictor"):
         mean = sum(per_query[scoring].values()) / len(per_query[scoring])
         assert mean == pytest.approx(result["test"][f"test_{scoring}_ndcg_at_10"], abs=1e-12)
+    # and beside the outputs as soon as each best epoch is scored (a study's view logs it)
+    beside = json.loads((tmp_path / "per_query.json").read_text())
+    assert (beside["best_epoch"], beside["score_with"]) == (best, mode)
+    assert beside["test"] == per_query
     # the best epoch's weights travel with the last checkpoint: evaluated, they give its dev
     state = torch.load(checkpoint_dirs(tmp_path)[0] / "state.pt", weights_only=False)
     model = JEPAModel(cfg.model, base_dim=scifact_features.dim)

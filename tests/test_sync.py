@@ -280,3 +280,33 @@ def test_sync_command(record, tmp_path, capsys):
     dead = _study(record, tmp_path, f"http://127.0.0.1:{free_port()}")
     assert main(["sync", str(dead)]) == 2
     assert "does not answer" in capsys.readouterr().err
+
+
+def test_sync_logs_each_trials_per_query_figures(record, tmp_path):
+    """The loop's per_query.json (the best epoch's per-query test nDCG@10) becomes the run's
+    artifact; logged again only when a later best epoch replaced it."""
+    from trainables.loop import PER_QUERY_FILE
+
+    assert PER_QUERY_FILE == S.ARTIFACT_PER_QUERY  # the loop writes what the view logs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study_dir = _study(record, tmp_path, uri)
+    trial_id = _trials(study_dir)[FINISHES]
+    out = study_dir / "trials" / trial_id
+    out.mkdir(parents=True)
+    payload = {"best_epoch": 2, "score_with": "query", "transfer": {},
+               "test": {"query": {"q1": 0.5, "q2": 1.0}, "predictor": {"q1": 0.0, "q2": 1.0}}}
+    (out / PER_QUERY_FILE).write_text(json.dumps(payload))
+    sync(study_dir)
+    client = MlflowClient(uri)
+    run = next(r for r in _runs(uri, study_dir.name)
+               if r.data.tags.get(S.TAG_TRIAL_ID) == trial_id)
+    assert S.ARTIFACT_PER_QUERY in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert run.data.tags[S.TAG_PER_QUERY_EPOCH] == "2"
+    local = client.download_artifacts(run.info.run_id, S.ARTIFACT_PER_QUERY, str(tmp_path))
+    assert json.loads(Path(local).read_text()) == payload
+    before = _view(uri, study_dir.name)
+    sync(study_dir)
+    assert _view(uri, study_dir.name) == before
+    (out / PER_QUERY_FILE).write_text(json.dumps({**payload, "best_epoch": 3}))
+    sync(study_dir)
+    assert client.get_run(run.info.run_id).data.tags[S.TAG_PER_QUERY_EPOCH] == "3"

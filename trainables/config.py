@@ -260,13 +260,11 @@ class RunConfig(_Strict):
         # Each phase's loss (run loss + its overrides) is validated now, not when the phase
         # starts training: a bad override must not fail after the earlier phases have run.
         effective: list[tuple[str, LossConfig]] = []
-        for i, phase in enumerate(self.train.phases):
+        for i, phase in enumerate(self.train.resolved_phases()):
             try:
-                effective.append((phase.name, LossConfig.model_validate(
-                    {**self.loss.model_dump(), **phase.loss})))
+                effective.append((phase.name, self.phase_loss(phase)))
             except ValidationError as exc:
                 raise ValueError("; ".join(_error_lines(exc, f"train.phases.{i}.loss"))) from None
-        effective = effective or [("joint", self.loss)]
         if self.eval.score_with == "predictor" and not self.trains_predictor:
             raise ValueError("eval.score_with is 'predictor' but lambda_pred is 0 in every "
                              "phase that trains the predictor: it would never be trained")
@@ -276,11 +274,19 @@ class RunConfig(_Strict):
                                  "lambda_pred is 0")
         return self
 
+    def phase_loss(self, phase: PhaseConfig) -> LossConfig:
+        """The loss a phase trains with: the run's, with the phase's overrides (validated).
+
+        The one place where the two are merged: the loop builds each phase's ``JEPALoss``
+        from it, and the config's own checks read it.
+        """
+        return LossConfig.model_validate({**self.loss.model_dump(), **phase.loss})
+
     @property
     def trains_predictor(self) -> bool:
         """Whether lambda_pred > 0 in some phase that trains the predictor."""
-        return any(LossConfig.model_validate({**self.loss.model_dump(), **p.loss}).lambda_pred > 0
-                   for p in self.train.resolved_phases() if p.name != "isotropy_finetune")
+        return any(self.phase_loss(p).lambda_pred > 0 for p in self.train.resolved_phases()
+                   if p.name != "isotropy_finetune")
 
     # -- YAML in and out -------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Metrics come from pytrec_eval (the evaluator BEIR and MTEB use), not from hand-w
 code: nDCG@10, Recall@100 and MRR@10 (reciprocal rank over the top 10). Search is exact: one
 batched matrix product of queries against the whole corpus, top-k per query. From
 ``faiss_min_docs`` documents up (``eval.faiss_min_docs``) it goes through FAISS instead
-(``faiss-cpu``, optional): an exact ``IndexFlat`` by default (the same results, without
+(``faiss-cpu``): an exact ``IndexFlat`` by default (the same results, without
 materialising a [queries x corpus] score block), or HNSW when asked. The corpus is
 re-embedded every epoch, so an index is built per evaluation; ``benchmarks/bench_eval.py``
 measures where each choice wins (``benchmarks/RESULTS.md``, figure 6).
@@ -12,7 +12,6 @@ measures where each choice wins (``benchmarks/RESULTS.md``, figure 6).
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Literal, Mapping
 
@@ -21,8 +20,6 @@ import torch
 
 Qrels = Mapping[str, Mapping[str, int]]
 FaissIndex = Literal["flat", "hnsw"]
-
-log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
 
@@ -34,14 +31,14 @@ def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, similarity: str = "co
     """Top-``k`` search. Returns (scores, doc indices), each [Q, k].
 
     Exact torch search, one [batch_size x N] score block at a time, unless the corpus has at
-    least ``faiss_min_docs`` documents and ``faiss`` is importable; then FAISS's ``faiss_index``
+    least ``faiss_min_docs`` documents; then FAISS's ``faiss_index``
     (``flat``: exact; ``hnsw``: approximate). Scores are cosine similarities or negative
     Euclidean distances either way.
     """
     if similarity not in ("cosine", "euclidean"):
         raise ValueError(f"unknown similarity {similarity!r} (cosine, euclidean)")
     k = min(k, doc_emb.shape[0])
-    if faiss_min_docs is not None and doc_emb.shape[0] >= faiss_min_docs and _faiss():
+    if faiss_min_docs is not None and doc_emb.shape[0] >= faiss_min_docs:
         return _faiss_search(query_emb, doc_emb, similarity, k, faiss_index)
     docs = doc_emb.float()
     if similarity == "cosine":  # once, not per query block
@@ -55,19 +52,6 @@ def search(query_emb: torch.Tensor, doc_emb: torch.Tensor, similarity: str = "co
         scores.append(s)
         indices.append(i)
     return torch.cat(scores), torch.cat(indices)
-
-
-def _faiss():
-    """The ``faiss`` module, or None (with one warning) when ``faiss-cpu`` is missing."""
-    try:
-        import faiss
-    except ImportError:
-        if not getattr(_faiss, "warned", False):
-            log.warning("eval.faiss_min_docs is set but faiss is not installed "
-                        "(pip install faiss-cpu): searching with torch")
-            _faiss.warned = True
-        return None
-    return faiss
 
 
 #: HNSW settings measured in benchmarks/bench_eval.py (recall@100 0.96-0.98 up to 50k docs).

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from trainables.cache import FeatureTables, load_or_compute
-from trainables.config import LossConfig, PhaseConfig, RunConfig
+from trainables.config import PhaseConfig, RunConfig
 from trainables.data import BeirData, load_beir, make_splits, resolve_data_dir
 from trainables.evaluate import (METRIC_NAMES, embed_corpus, evaluate_model_per_query,
                                  retrieval_per_query, mean_metrics)
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict[str, Any], "Path | None"], None]
 KEEP_CHECKPOINTS = 3
+#: the best epoch's per-query test nDCG@10 (both scorings, and on each transfer set), written
+#: into the run's directory whenever a new best epoch is scored on test
+PER_QUERY_FILE = "per_query.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,10 +81,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
-
-
-def phase_loss(cfg: RunConfig, phase: PhaseConfig) -> LossConfig:
-    return LossConfig.model_validate({**cfg.loss.model_dump(), **phase.loss})
 
 
 def _rank_world() -> tuple[int, int]:
@@ -309,8 +308,7 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
         if state and phase_index < state["phase_index"]:
             epoch += phase.epochs
             continue
-        loss_cfg = phase_loss(cfg, phase)
-        criterion = JEPALoss(loss_cfg, cfg.model.similarity)
+        criterion = JEPALoss(cfg.phase_loss(phase), cfg.model.similarity)
         optimizer = _optimizer(model, cfg, phase)
         steps_per_epoch = _steps_per_epoch(len(sampler), cfg, world)
         total = steps_per_epoch * phase.epochs
@@ -355,6 +353,10 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                 metrics.update(test)
                 select.best.update(test=test, test_per_query=per_query,
                                    transfer_per_query=transfer)
+                if rank == 0:  # beside the outputs at once: a run stopped from outside keeps it
+                    _write_json(out_dir / PER_QUERY_FILE, {
+                        "best_epoch": epoch, "score_with": select.best["mode"],
+                        "test": per_query, "transfer": transfer})
             metrics.update(select.summary())
             metrics["epoch_time_s"] = time.perf_counter() - t0
             reason = select.end_reason(epoch, cfg)
@@ -392,8 +394,15 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                 result["transfer_per_query"] = best["transfer_per_query"]
     if rank == 0:
         cfg.to_yaml(out_dir / "config.yaml")
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
+        _write_json(out_dir / "metrics.json", result)
     return result
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Written whole or not at all (a temporary file renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float))
+    tmp.replace(path)
 
 
 @dataclass

@@ -404,7 +404,7 @@ class JEPALoss(nn.Module):
     * reg: ``EmbeddingRegLoss`` on ``cat([q, d])``.
 
     Terms whose λ is 0 are not computed (reported as 0). Build one per training phase (phases
-    may override λ's): ``loss.with_overrides(phase.loss)``.
+    may override λ's): ``JEPALoss(run_config.phase_loss(phase), similarity)``.
     """
 
     def __init__(self, cfg: LossConfig, similarity: Similarity = "cosine") -> None:
@@ -421,15 +421,6 @@ class JEPALoss(nn.Module):
             else SIGRegLoss(cfg.sigreg_slices, cfg.sigreg_points, cfg.sigreg_t_max)
         )
         self.reg_loss = EmbeddingRegLoss(cfg.reg, cfg.reg_target_std)
-
-    def with_config(self, cfg: LossConfig) -> JEPALoss:
-        """A new ``JEPALoss`` with ``cfg`` and the same similarity."""
-        return JEPALoss(cfg, self.similarity)
-
-    def with_overrides(self, overrides: dict[str, Any]) -> JEPALoss:
-        """A new ``JEPALoss`` whose config is this one with ``overrides`` (validated)."""
-        cfg = LossConfig.model_validate({**self.cfg.model_dump(), **overrides})
-        return self.with_config(cfg)
 
     def forward(
         self,
