@@ -3,8 +3,8 @@
 A POSIX shell starts a script's background jobs with SIGINT ignored (``jepa-study ui ... &``
 then ``kill $pid``), so each command here is started that way: SIGINT set to SIG_IGN before
 it runs. SIGTERM must then still stop it within a bound, exit 130 ("interrupted") and leave
-things as Ctrl-C does: ``launch`` and ``resume`` a resumable study whose runs are ended
-KILLED, ``ui`` no process of its MLflow server.
+things as Ctrl-C does: ``launch``, ``resume`` and ``answer`` a resumable study whose runs are
+ended KILLED, ``ui`` no process of its MLflow server.
 
 Everything is real (Ray Tune, Optuna, MLflow on sqlite); the study is one trial on cached
 SciFact features, and a command is stopped as soon as its trial has reported an epoch.
@@ -187,6 +187,29 @@ def test_sigterm_stops_launch_and_resume_with_sigint_ignored(tmp_path, scifact_d
     finally:
         _kill_session(proc)
     _assert_resumable(study_dir, name, uri)
+
+
+def test_sigterm_stops_answer_with_sigint_ignored(tmp_path, scifact_dir, scifact_features):
+    """``answer`` stopped by SIGTERM during its first arm's study: Tune's graceful stop, and
+    the arm's study left resumable (a later ``answer`` resumes it)."""
+    name = "sigterm-answer"
+    space = tiny_space(tmp_path, "arms", num_samples=1, epochs=200, steps=2,
+                       parameters={"loss.lambda_pred": {"type": "float", "low": 0.1,
+                                                        "high": 2.0, "log": True,
+                                                        "zero": True}})
+    storage = tmp_path / "answers"
+    study_dir = storage / name / "scifact" / "studies" / "scifact-jepa"
+    log = tmp_path / "answer.log"
+    proc = _cli("answer", "--data", str(scifact_dir), "--space", str(space), "--name", name,
+                "--storage", str(storage), "--seeds", "1", "2", log=log)
+    try:
+        _wait_for(lambda: _epochs_reported(study_dir, "scifact-jepa") >= 1, START_S, proc,
+                  "the JEPA arm's first epoch", log)
+        _sigterm(proc, log)
+    finally:
+        _kill_session(proc)
+    _assert_resumable(study_dir, "scifact-jepa", f"sqlite:///{storage / name / 'mlflow.db'}")
+    assert not (storage / name / "answer.json").exists()
 
 
 # --- ui -------------------------------------------------------------------------------------
