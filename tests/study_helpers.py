@@ -64,3 +64,17 @@ def optuna_states(study_dir: Path) -> dict[str, int]:
 
 def metric_steps(uri: str, run_id: str, key: str = "dev_ndcg_at_10") -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, state) of every process, from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+            found[int(entry.name)] = (int(ppid), int(pgrp), state)
+    return found

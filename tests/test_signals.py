@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from study_helpers import child_runs, parent_runs, tiny_space
+from study_helpers import child_runs, parent_runs, processes, tiny_space
 
 from analysis import schema as S
 
@@ -213,23 +213,10 @@ def test_sigterm_stops_answer_with_sigint_ignored(tmp_path, scifact_dir, scifact
 
 
 # --- ui -------------------------------------------------------------------------------------
-def _processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, process group, state) of every process, from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-            found[int(entry.name)] = (int(ppid), int(pgrp), state)
-    return found
-
 
 def _descendants(pid: int) -> list[int]:
     """Live (not zombie) processes below ``pid``: children, theirs, and so on."""
-    table = _processes()
+    table = processes()
     found, frontier = [], [pid]
     while frontier:
         parent = frontier.pop()
@@ -240,13 +227,13 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _alive(pids: list[int]) -> list[int]:
-    table = _processes()
+    table = processes()
     return [pid for pid in pids if pid in table and table[pid][2] != "Z"]
 
 
 def _group(pgid: int) -> list[int]:
     """Live (not zombie) processes of the process group ``pgid``."""
-    return [pid for pid, (_, pgrp, state) in _processes().items()
+    return [pid for pid, (_, pgrp, state) in processes().items()
             if pgrp == pgid and state != "Z"]
 
 
@@ -273,7 +260,7 @@ def test_sigterm_stops_ui_and_its_mlflow_server_with_sigint_ignored(tmp_path):
                   START_S, proc, "the UI's address", log)
         server_processes = _descendants(proc.pid)  # `mlflow ui`, uvicorn, workers, jobs
         assert len(server_processes) >= 4, f"the MLflow server's processes: {server_processes}"
-        (server,) = [pid for pid, (ppid, _, _) in _processes().items() if ppid == proc.pid]
+        (server,) = [pid for pid, (ppid, _, _) in processes().items() if ppid == proc.pid]
         assert _sigint_ignored(proc.pid)  # as started (a study's Tune handles it in `fit`)
         _sigterm(proc, log)
         deadline = time.monotonic() + 10  # the command waited for the server: a margin only

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
+from study_helpers import processes
 
 from analysis import schema as S
 
@@ -104,17 +105,8 @@ def _free_port() -> int:
 
 
 def _children(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    """Pids whose parent is ``pid``."""
+    return [child for child, (ppid, _, _) in processes().items() if ppid == pid]
 
 
 def _kill_group(pgid: int) -> None:
