@@ -59,13 +59,13 @@ def as_chosen(cfg: RunConfig, row: Mapping[str, Any]) -> tuple[RunConfig, dict[s
         row: Its runs-frame row (``best_epoch``, ``metrics.best_epoch``,
             ``metrics.best_scored_with_predictor``).
     """
-    best = row.get(f"{METRICS}best_epoch")
+    best = row.get(METRICS + S.BEST_EPOCH)
     if best is None or best != best:  # NaN: a trial from before the loop reported it
         best = row.get("best_epoch")
     notes: dict[str, str] = {}
     overrides: dict[str, Any] = {}
     if cfg.eval.score_with == "auto":
-        won = row.get(f"{METRICS}best_scored_with_predictor")
+        won = row.get(METRICS + S.BEST_SCORED_WITH_PREDICTOR)
         mode = "predictor" if won == 1 and cfg.trains_predictor else "query"
         overrides["eval.score_with"] = mode
         notes["score_with"] = f"auto: {mode} won on dev"
@@ -116,7 +116,7 @@ def export_configs(tracking_uri: str, study_name: str, out_dir: str | Path, top:
             if data_dir is None:
                 client = MlflowClient(tracking_uri)
                 data_dir = find_parent(tracking_uri, study_name, experiment_name,
-                                       client).data.params.get("data", "")
+                                       client).data.params.get(S.PARAM_DATA, "")
             if data_dir:
                 cfg = cfg.with_overrides({"data.path": data_dir}, "export")
             else:

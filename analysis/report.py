@@ -189,10 +189,10 @@ def _summary(df: pd.DataFrame, parent: Any, metric: str, mode: str, uri: str) ->
              ("by status", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))]
     if len(best):
         row = best.iloc[0]
-        mode = {1.0: "predictor", 0.0: "query"}.get(row.get(METRICS + "best_scored_with_predictor"))
+        mode = {1.0: "predictor", 0.0: "query"}.get(row.get(METRICS + S.BEST_SCORED_WITH_PREDICTOR))
         items += [("best trial", row["trial_id"]),
                   (f"best {metric}", _num(row[V.metric_column(df, metric)])),
-                  ("its best dev epoch", row.get(METRICS + "best_epoch", row.get("best_epoch"))),
+                  ("its best dev epoch", row.get(METRICS + S.BEST_EPOCH, row.get("best_epoch"))),
                   ("its scoring (chosen on dev)", mode or "n/a"),
                   ("its λ_pred", row.get(PARAMS + "loss.lambda_pred")),
                   ("its test figures", "in the last section (reported, never used to choose)")]
@@ -209,15 +209,15 @@ def _top(df: pd.DataFrame, k: int, metric: str, mode: str) -> str:
         return _note("no finished trial with a value yet")
     cols = ["rank", "trial_id", "status", "stop_reason", "epochs", "best_epoch",
             V.metric_column(df, metric)]
-    cols += [c for c in (METRICS + "best_scored_with_predictor",) if c in rows.columns]
+    cols += [c for c in (METRICS + S.BEST_SCORED_WITH_PREDICTOR,) if c in rows.columns]
     cols += V.searched_params(df) or [spec.column for spec in V.KNOBS.values()
                                       if spec.column in rows.columns]
     return _table(rows[list(dict.fromkeys(cols))], index=False)
 
 
 #: test figures of a trial's best dev epoch, for the report's last section only
-TEST_COLUMNS = [METRICS + "best_test_ndcg_at_10", METRICS + "best_test_query_ndcg_at_10",
-                METRICS + "best_test_predictor_ndcg_at_10", METRICS + "best_test_recall_at_100"]
+TEST_COLUMNS = [METRICS + S.BEST_TEST_PREFIX + name for name in (
+    "ndcg_at_10", "query_ndcg_at_10", "predictor_ndcg_at_10", "recall_at_100")]
 
 
 def _test(df: pd.DataFrame, k: int, metric: str, mode: str) -> str:

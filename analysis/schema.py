@@ -66,6 +66,26 @@ END_STATUSES = (STATUS_FINISHED, STATUS_FAILED, STATUS_KILLED)
 #: stop reason of a run left RUNNING by a driver that ended without closing it (set by sync)
 STOP_REASON_ORPHANED = "orphaned: driver ended without closing the run"
 
+# --- a retrained run's params (``jepa-study answer``) ---------------------------------------
+PARAM_DATASET = "dataset"
+PARAM_SYSTEM = "system"  #: jepa, contrastive, capacity, no_pred
+PARAM_SCORE_WITH = "score_with"  #: the scoring dev chose for the system
+
+# --- the parent run's params (the study, as ``study.sync`` writes them) ----------------------
+PARAM_SPACE = "space"  #: the space file's name
+PARAM_NUM_SAMPLES = "num_samples"  #: trials asked for
+PARAM_DATA = "data"  #: the BEIR directory (export fills a config's missing data.path with it)
+PARAM_SEED = "seed"  #: the searcher's seed
+PARAM_NUM_WORKERS = "num_workers"  #: Train workers per trial
+PARAM_GPUS_PER_WORKER = "gpus_per_worker"
+PARAM_PYTHON = "python"  #: the driver's Python version
+
+
+def version_param(package: str) -> str:
+    """The parent run's param of a package's version (``ray_version``, ...)."""
+    return f"{package}_version"
+
+
 # --- artifacts -------------------------------------------------------------------------------
 ARTIFACT_CONFIG = "config.yaml"  #: resolved trial config, on child runs
 ARTIFACT_SPACE = "space.yaml"  #: the study's search space, on the parent run
@@ -116,6 +136,9 @@ PARAM_SEP = "."  #: separator of flattened nested param names (``model.predictor
 SEARCH_PREFIX = "search."  #: params holding a trial's searched values, by Optuna name
 OBJECTIVE = "dev_ndcg_at_10"  #: the headline dev nDCG@10 of each epoch (its history)
 SELECTION = "best_dev_ndcg_at_10"  #: a trial's value: its best dev epoch's headline (ranking)
+BEST_EPOCH = "best_epoch"  #: a run's best dev epoch so far (the loop reports it each epoch)
+BEST_SCORED_WITH_PREDICTOR = "best_scored_with_predictor"  #: 1 when that epoch's scoring won
+BEST_TEST_PREFIX = "best_test_"  #: the best epoch's test figures (``best_test_ndcg_at_10``)
 MAX_KEY_LENGTH = 250  #: MLflow's limit on metric/param/tag key length
 MAX_PARAM_VALUE_LENGTH = 6000  #: MLflow's limit on a param value
 MAX_TAG_VALUE_LENGTH = 8000  #: MLflow's limit on a tag value

@@ -389,7 +389,10 @@ def _log_mlflow(uri: str, name: str, paths: dict[str, Path], jobs, results,
     """The answer's MLflow record: a parent run (report, table, verdicts) and a child run per
     retrained run (its test figures, and its per-query figures as an artifact). Idempotent:
     runs are found again by their tags."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
+
+    from trainables.config import flatten
 
     client = MlflowClient(uri)
     exp_name = S.experiment_name(name)
@@ -411,14 +414,19 @@ def _log_mlflow(uri: str, name: str, paths: dict[str, Path], jobs, results,
         run = _get_or_create(client, exp_id, tags, f"{ds}-{system}-seed{seed}")
         if client.get_run(run).info.status == S.STATUS_FINISHED:
             continue
-        for k, v in {"dataset": ds, "system": system, "seed": seed,
-                     "score_with": cfg.eval.score_with}.items():
-            client.log_param(run, k, v)
-        for k, v in (res.get("test") or {}).items():
-            if isinstance(v, (int, float)):
-                client.log_metric(run, S.mlflow_key(k), float(v))
-        client.log_metric(run, "best_dev_ndcg_at_10", float(res["best_dev_ndcg_at_10"]))
-        client.log_metric(run, "best_epoch", float(res["best_epoch"]))
+        params = {S.PARAM_DATASET: ds, S.PARAM_SYSTEM: system, S.PARAM_SEED: seed,
+                  S.PARAM_SCORE_WITH: cfg.eval.score_with,
+                  **flatten(cfg.model_dump(mode="json", exclude={"provenance"}))}
+        items = [Param(S.mlflow_key(k), str(v)[:S.MAX_PARAM_VALUE_LENGTH])
+                 for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run, params=items[i:i + 100])
+        numbers = {k: float(v) for k, v in (res.get("test") or {}).items()
+                   if isinstance(v, (int, float))}
+        numbers.update({S.SELECTION: float(res["best_dev_ndcg_at_10"]),
+                        S.BEST_EPOCH: float(res["best_epoch"])})
+        client.log_batch(run, metrics=[Metric(S.mlflow_key(k), v, int(time.time() * 1000), 0)
+                                       for k, v in numbers.items()])
         client.log_artifact(run, str(out_dir / S.ARTIFACT_PER_QUERY))  # the loop wrote it
         client.log_text(run, cfg.to_yaml(), S.ARTIFACT_CONFIG)
         client.set_terminated(run, S.STATUS_FINISHED)

@@ -150,10 +150,10 @@ def summarize(meta: dict[str, Any], trials: Iterable[Any], spec: Any,
         m = trial.last_result or {}
         rows.append({"trial_id": trial.trial_id, "error": trial.status == "ERROR",
                      metric: m.get(metric), S.OBJECTIVE: m.get(S.OBJECTIVE),
-                     "best_epoch": m.get("best_epoch"),
+                     "best_epoch": m.get(S.BEST_EPOCH),
                      "scored_with": {1.0: "predictor", 0.0: "query"}.get(
-                         m.get("best_scored_with_predictor")),
-                     "test_ndcg_at_10": m.get("best_test_ndcg_at_10"),
+                         m.get(S.BEST_SCORED_WITH_PREDICTOR)),
+                     "test_ndcg_at_10": m.get(S.BEST_TEST_PREFIX + "ndcg_at_10"),
                      "epochs": m.get("epoch"), "end_reason": m.get("end_reason", "")})
     scored = [r for r in rows if isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
     best = (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None

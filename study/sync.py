@@ -158,13 +158,14 @@ def open_tracker(meta: dict[str, Any], spec: Any) -> StudyTracker:
 def study_fields(meta: dict[str, Any], spec: Any) -> tuple[dict, dict, str]:
     """The parent run's params, tags and space text."""
     opts = meta["options"]
-    params = {"space": Path(meta["space_file"]).stem,
-              "num_samples": opts.get("num_samples") or spec.num_samples,
-              "data": meta["data_dir"], "seed": getattr(spec.searcher_spec, "seed", None),
-              "num_workers": opts.get("num_workers"),
-              "gpus_per_worker": opts.get("gpus_per_worker"),
-              **{f"{p}_version": _version(p) for p in ("ray", "optuna", "mlflow", "torch")},
-              "python": platform.python_version()}
+    params = {S.PARAM_SPACE: Path(meta["space_file"]).stem,
+              S.PARAM_NUM_SAMPLES: opts.get("num_samples") or spec.num_samples,
+              S.PARAM_DATA: meta["data_dir"],
+              S.PARAM_SEED: getattr(spec.searcher_spec, "seed", None),
+              S.PARAM_NUM_WORKERS: opts.get("num_workers"),
+              S.PARAM_GPUS_PER_WORKER: opts.get("gpus_per_worker"),
+              **{S.version_param(p): _version(p) for p in ("ray", "optuna", "mlflow", "torch")},
+              S.PARAM_PYTHON: platform.python_version()}
     tags = {S.TAG_GIT_COMMIT: meta.get("git_commit", "unknown"), S.TAG_STUDY_DIR: str(meta["dir"])}
     return params, tags, Path(meta["space_file"]).read_text()
 

@@ -210,7 +210,7 @@ def progress_reporter(spec: Any) -> tune.CLIReporter:
     """Tune's console table of a study: epoch, dev figures, and the always-set parameters."""
     return tune.CLIReporter(
         metric_columns={"epoch": "epoch", "dev_ndcg_at_10": "dev nDCG@10",
-                        "best_dev_ndcg_at_10": "best dev", "best_epoch": "best ep",
+                        S.SELECTION: "best dev", S.BEST_EPOCH: "best ep",
                         "effective_rank": "eff. rank"},
         parameter_columns=always_suggested(spec),
         sort_by_metric=isinstance(spec.metric, str),

@@ -195,6 +195,11 @@ def test_final_figures_are_the_best_dev_epochs(tmp_path, scifact_dir, scifact,
     assert result["final"] == history[best - 1]
     assert result["test"] == {k: v for k, v in history[best - 1].items()
                               if k.startswith("test_")}
+    # the names the study's view and its readers know them by (analysis.schema)
+    from analysis import schema as S
+
+    assert {S.SELECTION, S.BEST_EPOCH, S.BEST_SCORED_WITH_PREDICTOR,
+            S.BEST_TEST_PREFIX + "ndcg_at_10"} <= set(history[-1])
     # test figures only where dev set a new best, and the running best is reported
     running = -1.0
     for m in history:
