@@ -1,14 +1,15 @@
 """Base-encoder features of a whole dataset, computed once and kept on disk.
 
 With a frozen base, the base's output for every document and query never changes, so the
-expensive part of training and evaluation (~125 s for SciFact's corpus on 2 CPU cores) is
-done once per (model, max length, data) and read back in milliseconds. The key holds the
+expensive part of training and evaluation (minutes for SciFact's corpus on 2 CPU cores,
+``benchmarks/RESULTS.md`` figure 2) is done once per (model, max length, data) and read back
+in milliseconds. The key holds the
 model's identity, the maximum sequence length, the text format and the data's fingerprint;
 a change to any of them makes a new entry. Entries are written to a temporary directory
 and renamed into place, so concurrent trials or a crash never leave a half-written one.
 
 Reading a warm entry needs numpy only (``load_or_compute(..., as_numpy=True)``): a study's
-driver ships the tables to its trials without importing torch (~2 s off its start-up);
+driver ships the tables to its trials without importing torch (a start-up cost spared);
 :meth:`FeatureTables.to` makes torch tensors of them where training runs.
 """
 

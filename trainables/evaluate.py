@@ -167,9 +167,9 @@ def collapse_diagnostics(emb: torch.Tensor) -> dict[str, float]:
       (Σλ)² / (D·Σλ²); 1 for an isotropic cloud, 1/D for a single direction.
     * ``embedding_std``: mean per-dimension standard deviation (0 at total collapse).
 
-    One SVD of the centred N x D matrix: ~45 ms at SciFact's size (5183 x 512) on one idle
-    core, a third of a dev evaluation; the eigenvalues of the D x D Gram matrix are no faster
-    in float64 and lose ~0.5 % on the small singular values in float32.
+    One SVD of the centred N x D matrix, the larger part of a dev evaluation's cost on a
+    frozen base (``benchmarks/RESULTS.md``); the eigenvalues of the D x D Gram matrix are no
+    faster in float64 and lose ~0.5 % on the small singular values in float32.
     """
     x = emb.float() - emb.float().mean(0, keepdim=True)
     sv = torch.linalg.svdvals(x)
