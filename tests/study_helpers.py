@@ -78,3 +78,27 @@ def processes() -> dict[int, tuple[int, int, str]]:
             state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
             found[int(entry.name)] = (int(ppid), int(pgrp), state)
     return found
+
+
+def wait_for(condition, timeout: float, proc=None, what: str = "condition",
+             log: Path | None = None) -> None:
+    """Polls ``condition`` (exceptions count as False: files and databases still being
+    created) until it holds; fails on timeout, or when the process ``proc`` exits first,
+    with the tail of ``log``."""
+    import time
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-3000:] if log else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}:\n"
+                                 f"{tail()}")
+        try:
+            if condition():
+                return
+        except Exception:  # noqa: BLE001 - not there yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{tail()}")

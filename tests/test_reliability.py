@@ -21,7 +21,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from mlflow_fixtures import free_port, mlflow_server  # noqa: F401
-from study_helpers import child_runs, optuna_states, tiny_space
+from study_helpers import child_runs, optuna_states, tiny_space, wait_for
 
 import faults
 from analysis import schema as S
@@ -204,26 +204,6 @@ def _launch_cli(space: Path, storage: Path, scifact_dir: Path, *extra: str, log:
                 str(scifact_dir), *extra, log=log)
 
 
-def _wait_for(condition, timeout: float, proc=None, what: str = "condition",
-              log: Path | None = None) -> None:
-    """Polls ``condition`` (exceptions count as False) until it holds; fails on timeout or
-    when the driver process ``proc`` exits first."""
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            raise AssertionError(f"the driver exited ({proc.returncode}) before: {what}\n{tail}")
-        try:
-            if condition():
-                return
-        except Exception:  # noqa: BLE001 - files and databases still being created
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for: {what}")
-
-
 def _server_up(server) -> str:
     """The module's tracking server, started again if an earlier test left it stopped."""
     if server.proc is None:
@@ -294,11 +274,6 @@ def _rest_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(int(m["step"]), m["value"]) for m in page.get("metrics", [])]
 
 
-def _results_recorded(study_dir: Path, name: str) -> int:
-    """Results in Tune's record, over all trials."""
-    return sum(len(rows) for rows in _tune_results(study_dir / "ray" / name).values())
-
-
 def _missing_from_view(uri: str, study_dir: Path, name: str) -> list[tuple[str, int]]:
     """(trial id, epoch) of every finite dev nDCG@10 in Tune's record that the trial's MLflow
     run does not hold."""
@@ -350,27 +325,33 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
     proc = _launch_cli(space, storage, scifact_dir, "--mlflow-uri", uri,
                        "--max-concurrent-trials", "2", log=log)
     try:
-        _wait_for(lambda: sum(t.state.name == "COMPLETE"
-                              for t in _optuna_trials(study_dir, name)) >= 1,
-                  240, proc, "a first trial to complete", log)
+        wait_for(lambda: sum(t.state.name == "COMPLETE"
+                             for t in _optuna_trials(study_dir, name)) >= 1,
+                 240, proc, "a first trial to complete", log)
         server.stop()
-        at_stop = _results_recorded(study_dir, name)
-        _wait_for(lambda: "a write for trial" in log.read_text(errors="replace")
-                  and _results_recorded(study_dir, name) > at_stop, 60, proc,
-                  "the driver to miss MLflow and record results all the same", log)
+        # the view as the server's own store holds it, read directly while the server is down:
+        # a result Tune recorded after the outage began is one the view lacks
+        store = f"sqlite:///{server.root / 'mlflow.db'}"
+        wait_for(lambda: "a write for trial" in log.read_text(errors="replace")
+                 and _missing_from_view(store, study_dir, name), 60, proc,
+                 "the driver to miss MLflow and record results all the same", log)
         # kill after a suggestion made during the outage (just after one, before Tune saves
         # it, with luck) while a trial is in flight (it trained an epoch and has not
-        # finished). With reuse_actors only the newly suggested trial may be running when a
-        # suggestion appears, so the two need not be seen in the same poll.
+        # finished) whose run the view holds RUNNING (it started before the outage): the run
+        # a killed driver leaves open. With reuse_actors only the newly suggested trial may be
+        # running when a suggestion appears, so the two need not be seen in the same poll.
         at_outage = len(_optuna_trials(study_dir, name))
 
         def new_suggestion_beside_a_running_trial() -> bool:
-            return len(_optuna_trials(study_dir, name)) > at_outage and any(
-                not (d / "metrics.json").exists() for d in (study_dir / "trials").glob("*")
-                if (d / "checkpoints" / "epoch_0001").exists())
+            in_flight = {d.name for d in (study_dir / "trials").glob("*")
+                         if (d / "checkpoints" / "epoch_0001").exists()
+                         and not (d / "metrics.json").exists()}
+            open_runs = {r.data.tags[S.TAG_TRIAL_ID] for r in child_runs(store, name)
+                         if r.info.status == S.STATUS_RUNNING}
+            return len(_optuna_trials(study_dir, name)) > at_outage and bool(in_flight & open_runs)
 
-        _wait_for(new_suggestion_beside_a_running_trial, 120, proc,
-                  "a new suggestion beside a running trial", log)
+        wait_for(new_suggestion_beside_a_running_trial, 120, proc,
+                 "a new suggestion beside a running trial", log)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait()
@@ -517,8 +498,8 @@ def test_interrupted_study_ends_runs_killed_and_resumes(tmp_path, scifact_dir,
     log = tmp_path / "driver.log"
     proc = _launch_cli(space, storage, scifact_dir, "--max-concurrent-trials", "2", log=log)
     try:
-        _wait_for(lambda: _tuning(study_dir, name) and _finished_and_in_flight(uri, name),
-                  240, proc, "a finished trial and one in flight", log)
+        wait_for(lambda: _tuning(study_dir, name) and _finished_and_in_flight(uri, name),
+                 240, proc, "a finished trial and one in flight", log)
     finally:
         _stop_cli(proc, signal.SIGINT, log)
     assert "interrupted" in log.read_text()
@@ -529,10 +510,10 @@ def test_interrupted_study_ends_runs_killed_and_resumes(tmp_path, scifact_dir,
     finished = sum(r.info.status == S.STATUS_FINISHED for r in child_runs(uri, name))
     proc = _cli("resume", str(study_dir), log=log)
     try:
-        _wait_for(lambda: sum(r.info.status == S.STATUS_FINISHED
-                              for r in child_runs(uri, name)) > finished
-                  and _finished_and_in_flight(uri, name), 240, proc,
-                  "progress after the resume, and a trial in flight", log)
+        wait_for(lambda: sum(r.info.status == S.STATUS_FINISHED
+                             for r in child_runs(uri, name)) > finished
+                 and _finished_and_in_flight(uri, name), 240, proc,
+                 "progress after the resume, and a trial in flight", log)
     finally:
         _stop_cli(proc, signal.SIGTERM, log)
     killed |= _assert_interrupted(uri, name, study_dir)
@@ -576,8 +557,8 @@ def test_driver_exception_ends_runs_truthfully(tmp_path, scifact_dir, scifact_fe
 
     def break_storage() -> None:
         try:
-            _wait_for(lambda: _tuning(study_dir, name) and _finished_and_in_flight(uri, name),
-                      300, what="a finished trial and one in flight")
+            wait_for(lambda: _tuning(study_dir, name) and _finished_and_in_flight(uri, name),
+                     300, what="a finished trial and one in flight")
             optuna.delete_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             seen["error"] = repr(exc)
@@ -659,18 +640,18 @@ def test_divergence_outage_and_secrets(tmp_path, scifact_dir, scifact_features, 
 
     def watch() -> None:  # Ray's security settings while it runs, then the outage
         try:
-            _wait_for(ray.is_initialized, 300, what="Ray to start")
+            wait_for(ray.is_initialized, 300, what="Ray to start")
             from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
             node = ray._private.worker._global_node
             seen["webui_url"] = node.address_info.get("webui_url")
             seen["token_auth"] = is_token_auth_enabled()
-            _wait_for(lambda: any(c["data"].get("metrics") for c in _rest_runs(uri, name)[1]),
-                      300, what="a first epoch in MLflow")
+            wait_for(lambda: any(c["data"].get("metrics") for c in _rest_runs(uri, name)[1]),
+                     300, what="a first epoch in MLflow")
             server.stop()
             seen["stopped"] = time.time()
-            _wait_for(lambda: any("a write for trial" in m for m in missed), 60,
-                      what="the driver to miss MLflow")
+            wait_for(lambda: any("a write for trial" in m for m in missed), 60,
+                     what="the driver to miss MLflow")
             seen["missed"] = True
             server.start()
             seen["restarted"] = time.time()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from study_helpers import child_runs, parent_runs, processes, tiny_space
+from study_helpers import child_runs, parent_runs, processes, tiny_space, wait_for
 
 from analysis import schema as S
 
@@ -50,24 +50,6 @@ def _cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
                                 cwd=log.parent, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=_ignore_sigint)
-
-
-def _wait_for(condition, timeout: float, proc: subprocess.Popen, what: str, log: Path) -> None:
-    """Polls ``condition`` (exceptions count as False); fails on timeout or when ``proc``
-    exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the command exited ({proc.returncode}) before {what}:\n"
-                                 f"{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if condition():
-                return
-        except Exception:  # noqa: BLE001 - files and databases still being created
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n"
-                         f"{log.read_text(errors='replace')[-3000:]}")
 
 
 def _sigint_ignored(pid: int) -> bool:
@@ -166,8 +148,8 @@ def test_sigterm_stops_launch_and_resume_with_sigint_ignored(tmp_path, scifact_d
     proc = _cli("launch", "--space", str(space), "--storage", str(storage), "--data",
                 str(scifact_dir), "--max-concurrent-trials", "1", log=log)
     try:
-        _wait_for(lambda: _epochs_reported(study_dir, name) >= 1, START_S, proc,
-                  "the trial's first epoch", log)
+        wait_for(lambda: _epochs_reported(study_dir, name) >= 1, START_S, proc,
+                 "the trial's first epoch", log)
         _sigterm(proc, log)
     finally:
         _kill_session(proc)
@@ -181,8 +163,8 @@ def test_sigterm_stops_launch_and_resume_with_sigint_ignored(tmp_path, scifact_d
     reported = _epochs_reported(study_dir, name)
     proc = _cli("resume", str(study_dir), log=log)
     try:
-        _wait_for(lambda: _epochs_reported(study_dir, name) > reported, START_S, proc,
-                  "an epoch after the resume", log)
+        wait_for(lambda: _epochs_reported(study_dir, name) > reported, START_S, proc,
+                 "an epoch after the resume", log)
         _sigterm(proc, log)
     finally:
         _kill_session(proc)
@@ -203,8 +185,8 @@ def test_sigterm_stops_answer_with_sigint_ignored(tmp_path, scifact_dir, scifact
     proc = _cli("answer", "--data", str(scifact_dir), "--space", str(space), "--name", name,
                 "--storage", str(storage), "--seeds", "1", "2", log=log)
     try:
-        _wait_for(lambda: _epochs_reported(study_dir, "scifact-jepa") >= 1, START_S, proc,
-                  "the JEPA arm's first epoch", log)
+        wait_for(lambda: _epochs_reported(study_dir, "scifact-jepa") >= 1, START_S, proc,
+                 "the JEPA arm's first epoch", log)
         _sigterm(proc, log)
     finally:
         _kill_session(proc)
@@ -256,8 +238,8 @@ def test_sigterm_stops_ui_and_its_mlflow_server_with_sigint_ignored(tmp_path):
     proc = _cli("ui", str(study_dir), "--port", str(port), log=log, env={"MLFLOW_WORKERS": "2"})
     server = None
     try:
-        _wait_for(lambda: "MLflow UI: http://127.0.0.1:" in log.read_text(errors="replace"),
-                  START_S, proc, "the UI's address", log)
+        wait_for(lambda: "MLflow UI: http://127.0.0.1:" in log.read_text(errors="replace"),
+                 START_S, proc, "the UI's address", log)
         server_processes = _descendants(proc.pid)  # `mlflow ui`, uvicorn, workers, jobs
         assert len(server_processes) >= 4, f"the MLflow server's processes: {server_processes}"
         (server,) = [pid for pid, (ppid, _, _) in processes().items() if ppid == proc.pid]
