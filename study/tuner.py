@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import threading
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import ray
@@ -110,9 +112,12 @@ class MLflowTrialCallback(Callback):
     Tune config -> ``RunConfig``; None: the Tune config), every epoch, the end (with
     ``stop_reason``: Tune trial -> why it ended without error).
 
-    MLflow is a view: when a write fails (after MLflow's own retries) the callback warns once,
-    skips writes until the server answers again (asked at most every :attr:`RETRY_S`
-    seconds), and the study goes on; ``study.sync`` fills in what was missed.
+    The writes run on a thread of their own, in order: a function trainable's report waits
+    until the driver has handled it, so a write made here would hold every trial up each
+    epoch. :meth:`flush` waits for them; the end of the experiment does. MLflow is a view:
+    when a write fails (after MLflow's own retries) the callback warns once, skips writes
+    until the server answers again (asked at most every :attr:`RETRY_S` seconds), and the
+    study goes on; ``study.sync`` fills in what was missed.
     """
 
     RETRY_S = 5.0
@@ -122,6 +127,8 @@ class MLflowTrialCallback(Callback):
         self.tracker, self.trial_config, self.stop_reason = tracker, trial_config, stop_reason
         self._opened: set[str] = set()
         self._retry_at: float | None = None  # while MLflow is unreachable
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict:
         return {"tracker": self.tracker, "trial_config": self.trial_config,
@@ -131,23 +138,48 @@ class MLflowTrialCallback(Callback):
         self.__init__(**state)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._write(self._open, trial)
+        self._put(self._open, trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        self._write(self._log, trial, *result_metrics(result))
+        self._put(self._log, trial, *result_metrics(result))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reason = self.stop_reason(trial) if self.stop_reason else None
-        self._write(self._end, trial, S.STATUS_FINISHED, reason)
+        self._put(self._end, trial, S.STATUS_FINISHED, reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._write(self._end, trial, S.STATUS_FAILED, trial_error(trial))
+        self._put(self._end, trial, S.STATUS_FAILED, trial_error(trial))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Waits until every write asked for so far is done (or skipped)."""
+        self._queue.join()
+
+    def _put(self, write: Callable, trial: Any, *args: Any) -> None:
+        """Queues ``write`` with what it needs of the trial now (Tune's trial changes)."""
+        seen = SimpleNamespace(trial_id=trial.trial_id, config=dict(trial.config or {}),
+                               name=str(trial))
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="jepa-study-mlflow",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put((write, seen, args))
+
+    def _work(self) -> None:
+        while True:
+            write, trial, args = self._queue.get()
+            try:
+                self._write(write, trial, *args)
+            finally:
+                self._queue.task_done()
 
     def _open(self, trial: Any) -> None:
         params, config_yaml = trial_fields(self.trial_config, trial.config)
         self.tracker.trial_run(trial.trial_id, params, config_yaml,
-                               tags={S.TAG_RUN_NAME: str(trial)})
+                               tags={S.TAG_RUN_NAME: trial.name})
         self._opened.add(trial.trial_id)
 
     def _log(self, trial: Any, step: int, metrics: dict) -> None:

@@ -229,6 +229,8 @@ def test_callback_drives_tracker(tracking_uri):
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
                                  result=_result(epoch, dev_ndcg_at_10=0.1 * epoch))
     callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
+    trial.last_result = {"why": "changed after the callback: not the stop reason"}
+    callback.flush()  # the writes run on the callback's own thread
     run = client.get_run(tracker.run_id("abc_00000"))
     assert set(run.data.metrics) == {"dev_ndcg_at_10"}
     assert [s for s, _ in _history(client, run.info.run_id, "dev_ndcg_at_10")] == [1, 2]
@@ -236,6 +238,7 @@ def test_callback_drives_tracker(tracking_uri):
     assert run.data.params == {"lr": "0.1", "model.depth": "2"}
     assert run.data.tags[S.TAG_RUN_NAME] == "jepa_trial_abc_00000"
     callback.on_trial_error(iteration=3, trials=[trial], trial=trial)
+    callback.on_experiment_end(trials=[trial])  # waits for the writes
     run = client.get_run(run.info.run_id)
     assert (run.info.status, run.data.tags[S.TAG_STOP_REASON]) == (S.STATUS_FAILED,
                                                                    "RuntimeError: boom")
@@ -258,10 +261,11 @@ def test_mlflow_key():
 
 
 def test_server_down_mid_study(mlflow_server, caplog):
-    """The live callback under an outage: MLflow's own retries (bounded, not off) stall the
-    first write that fails for seconds at most, later ones are skipped at once while the server
-    is away (the study is not held up), a single warning says so, and writing resumes once it
-    answers again. The epochs it missed are ``sync``'s (test_sync.py)."""
+    """The live callback under an outage: Tune's side never waits for MLflow (the writes run
+    on the callback's thread); MLflow's own retries (bounded, not off) stall the first write
+    that fails for seconds at most, later ones are skipped at once while the server is away,
+    a single warning says so, and writing resumes once it answers again. The epochs it missed
+    are ``sync``'s (test_sync.py)."""
     server = mlflow_server  # stopped and restarted: same port, same store
     if server.proc is None:
         server.start()
@@ -277,15 +281,19 @@ def test_server_down_mid_study(mlflow_server, caplog):
         callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
                                  result=_result(1, loss=1.0))
+        callback.flush()
         run_id = tracker.run_id("t1")
         server.stop()
         start = time.monotonic()
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
                                  result=_result(2, loss=2.0))
+        assert time.monotonic() - start < 0.5  # queued: Tune's side does not wait
+        callback.flush()
         assert time.monotonic() - start < 30  # MLflow's retries, then the callback gives up
         start = time.monotonic()
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
                                  result=_result(3, loss=3.0))
+        callback.flush()
         assert time.monotonic() - start < 3  # skipped while the server is away
         warned = [r.getMessage() for r in caplog.records if r.name == "study.tuner"]
         assert len(warned) == 1 and "failed" in warned[0] and "sync" in warned[0], warned
@@ -294,6 +302,7 @@ def test_server_down_mid_study(mlflow_server, caplog):
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
                                  result=_result(4, loss=4.0))
         callback.on_trial_complete(iteration=1, trials=[trial], trial=trial)
+        callback.flush()
         client = MlflowClient(server.uri)
         assert _history(client, run_id, "loss") == [(1, 1.0), (4, 4.0)]  # 2, 3: sync's
         assert client.get_run(run_id).info.status == S.STATUS_FINISHED
