@@ -194,6 +194,31 @@ def answer_dict(measured: list[Measured], **kwargs: Any) -> dict[str, Any]:
 
 # -- renderings ----------------------------------------------------------------------------
 
+def describe_budget(cfg: Any, patience: int | None) -> str:
+    """The budget rules of a study's trials, in words."""
+    return (f"up to {cfg.train.total_epochs} epochs ({cfg.train.sampling} an epoch), "
+            f"patience {patience}, best dev epoch kept")
+
+
+def describe_config(cfg: Any) -> str:
+    """A config's searched choices in one line: the design section of the answer."""
+    m, l, t = cfg.model, cfg.loss, cfg.train
+    shape = (f"depth {m.predictor.depth} x{m.predictor.hidden_mult:g} "
+             f"{'residual' if m.predictor.residual else 'plain'}")
+    heads = ([f"predictor {shape}, stopgrad {l.stopgrad}"] if cfg.trains_predictor else []) \
+        + ([f"query head {shape}"] if m.query_head else [])
+    contrastive = (f" ({l.contrastive}, " + (f"temperature {l.temperature:.3g})"
+                                             if l.contrastive == "infonce"
+                                             else f"margin {l.margin:.3g})")
+                   if l.lambda_con > 0 else "")
+    return (f"λ_pred {l.lambda_pred:.3g}, λ_con {l.lambda_con:.3g}{contrastive}, "
+            f"λ_iso {l.lambda_iso:.3g} ({l.isotropy}), λ_reg {l.lambda_reg:.3g}; "
+            f"{'; '.join(heads) or 'no predictor'}; {m.variant}, {m.projection} projection, "
+            f"{m.output_dim}-d, {m.similarity}; lr {t.lr:.3g}, weight decay "
+            f"{t.weight_decay:.3g}, batch {t.batch_size}, hard negatives {t.hard_negatives}; "
+            f"scored with the {cfg.eval.score_with}")
+
+
 def _f(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.{digits}f}"

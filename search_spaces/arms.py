@@ -1,4 +1,5 @@
-"""The two arms of the predictor question, derived from one space.
+"""The two arms of the predictor question, derived from one space, and the controls around
+the best JEPA config that ``jepa-study answer`` retrains beside them (:func:`systems`).
 
 ``jepa-study answer`` runs two studies per dataset over the same space, at the same number of
 trials and under the same budget rules, that differ only in the predictive term:
@@ -17,9 +18,13 @@ points (with the other arm's parameters left out).
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from search_spaces.space import SWITCH
+from trainables.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
 
 PRED = "loss.lambda_pred"
 CON = "loss.lambda_con"
@@ -92,3 +97,34 @@ def _arm_point(point: Any, arm: str, params: dict[str, Any]) -> Any:
         out[HEAD] = False
         out = {k: v for k, v in out.items() if not params[k].get("when", {}).get(HEAD)}
     return out
+
+
+def systems(jepa: RunConfig, contrastive: RunConfig) -> dict[str, RunConfig]:
+    """The configs retrained over seeds: J, the tuned contrastive config, and J's controls.
+
+    ``capacity`` and ``no_pred`` are J with λ_pred = 0 in every phase (``capacity`` with a
+    query head of the predictor's shape), scored with the query; one that leaves nothing to
+    train (J had only L_pred) is left out with a warning.
+    """
+    out = {"jepa": jepa, "contrastive": contrastive}
+    for name, head in (("capacity", True), ("no_pred", False)):
+        raw = jepa.to_dict()
+        raw["loss"]["lambda_pred"] = 0.0
+        for phase in raw["train"]["phases"]:
+            phase["loss"].pop("lambda_pred", None)
+        raw["model"]["query_head"] = head
+        raw["eval"]["score_with"] = "query"
+        try:
+            out[name] = RunConfig.from_dict(raw, f"control {name}")
+        except ConfigError as exc:
+            log.warning("answer: no %s control: %s", name, exc)
+    return out
+
+
+def retrain_config(cfg: RunConfig, seed: int, patience: int | None, extra_data: list[str],
+                   name: str) -> RunConfig:
+    """``cfg`` retrained under the study's budget rules with a fresh seed: the whole schedule
+    with the space's patience (not the search run's best epoch), test and transfer scored."""
+    return cfg.with_overrides({"train.seed": seed, "train.stop_after_epoch": None,
+                               "train.patience": patience, "eval.evaluate_test": True,
+                               "eval.extra_data": extra_data, "name": name}, "answer")

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from analysis import schema as S
-from search_spaces.arms import ARMS, arm_space
+from search_spaces.arms import ARMS, arm_space, retrain_config, systems
 from search_spaces.space import load_space, space_file
 from study.launcher import StudyError, StudyOptions
 
@@ -190,39 +190,7 @@ def _patience(cfg) -> int | None:
     return None if text in ("None", "") else int(text)
 
 
-# -- 2. the systems and their retrained runs ---------------------------------------------------
-
-def systems(jepa, contrastive) -> dict[str, Any]:
-    """The configs retrained over seeds: J, the tuned contrastive config, and J's controls.
-
-    ``capacity`` and ``no_pred`` are J with λ_pred = 0 in every phase (``capacity`` with a
-    query head of the predictor's shape), scored with the query; one that leaves nothing to
-    train (J had only L_pred) is left out with a warning.
-    """
-    from trainables.config import ConfigError, RunConfig
-
-    out = {"jepa": jepa, "contrastive": contrastive}
-    for name, head in (("capacity", True), ("no_pred", False)):
-        raw = jepa.to_dict()
-        raw["loss"]["lambda_pred"] = 0.0
-        for phase in raw["train"]["phases"]:
-            phase["loss"].pop("lambda_pred", None)
-        raw["model"]["query_head"] = head
-        raw["eval"]["score_with"] = "query"
-        try:
-            out[name] = RunConfig.from_dict(raw, f"control {name}")
-        except ConfigError as exc:
-            log.warning("answer: no %s control: %s", name, exc)
-    return out
-
-
-def retrain_config(cfg, seed: int, patience: int | None, extra_data: list[str], name: str):
-    """``cfg`` retrained under the study's budget rules with a fresh seed: the whole schedule
-    with the space's patience (not the search run's best epoch), test and transfer scored."""
-    return cfg.with_overrides({"train.seed": seed, "train.stop_after_epoch": None,
-                               "train.patience": patience, "eval.evaluate_test": True,
-                               "eval.extra_data": extra_data, "name": name}, "answer")
-
+# -- 2. the systems (search_spaces.arms) and their retrained runs ----------------------------
 
 def _retrain(jobs: list[tuple], opts: AnswerOptions) -> tuple[list[dict[str, Any]], int]:
     """Trains every job (Ray tasks, one CPU each), reusing runs already finished; returns
@@ -294,7 +262,7 @@ def _references(data_dir: Path, cfg) -> dict[str, dict[str, float]]:
 # -- 3. the table ------------------------------------------------------------------------------
 
 def _measured(names, jobs, results, references, chosen, opts, timings):
-    from analysis.answer import Measured, Run, System
+    from analysis.answer import Measured, Run, System, describe_budget, describe_config
 
     measured = []
     for ds in names:
@@ -308,42 +276,19 @@ def _measured(names, jobs, results, references, chosen, opts, timings):
         arms = chosen[ds]
         design = {
             "space": opts.space, "trials per arm": arms["jepa"]["trials"],
-            "budget": _budget(arms["jepa"]["config"], arms["jepa"]["patience"]),
+            "budget": describe_budget(arms["jepa"]["config"], arms["jepa"]["patience"]),
             "seeds (fresh; the search used seed 0)": list(opts.seeds),
             **{f"{arm} arm": (f"study {a['study']}: {a['trials']} trials "
                               f"({a['errored']} errored); best trial {a['trial_id']}, dev "
                               f"nDCG@10 {a['best_dev']:.4f} at epoch {a['best_epoch']}, "
                               f"scored with the {a['scoring']}") for arm, a in arms.items()},
-            "J": _describe(arms["jepa"]["config"]),
+            "J": describe_config(arms["jepa"]["config"]),
             **{f"no {system} control": "J has no term left without L_pred"
                for system in ("capacity", "no_pred") if system not in found},
-            "tuned contrastive": _describe(arms["contrastive"]["config"]),
+            "tuned contrastive": describe_config(arms["contrastive"]["config"]),
         }
         measured.append(Measured(ds, found, references[ds], design))
     return measured
-
-
-def _budget(cfg, patience) -> str:
-    return (f"up to {cfg.train.total_epochs} epochs ({cfg.train.sampling} an epoch), "
-            f"patience {patience}, best dev epoch kept")
-
-
-def _describe(cfg) -> str:
-    m, l, t = cfg.model, cfg.loss, cfg.train
-    shape = (f"depth {m.predictor.depth} x{m.predictor.hidden_mult:g} "
-             f"{'residual' if m.predictor.residual else 'plain'}")
-    heads = ([f"predictor {shape}, stopgrad {l.stopgrad}"] if cfg.trains_predictor else []) \
-        + ([f"query head {shape}"] if m.query_head else [])
-    contrastive = (f" ({l.contrastive}, " + (f"temperature {l.temperature:.3g})"
-                                             if l.contrastive == "infonce"
-                                             else f"margin {l.margin:.3g})")
-                   if l.lambda_con > 0 else "")
-    return (f"λ_pred {l.lambda_pred:.3g}, λ_con {l.lambda_con:.3g}{contrastive}, "
-            f"λ_iso {l.lambda_iso:.3g} ({l.isotropy}), λ_reg {l.lambda_reg:.3g}; "
-            f"{'; '.join(heads) or 'no predictor'}; {m.variant}, {m.projection} projection, "
-            f"{m.output_dim}-d, {m.similarity}; lr {t.lr:.3g}, weight decay "
-            f"{t.weight_decay:.3g}, batch {t.batch_size}, hard negatives {t.hard_negatives}; "
-            f"scored with the {cfg.eval.score_with}")
 
 
 def _write(root: Path, measured, uri: str, opts: AnswerOptions, jobs, results,

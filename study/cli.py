@@ -11,8 +11,9 @@ import json
 import signal
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def _load_run_config(spec: str, data: str | None):
@@ -44,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {metrics['epoch']} [{metrics['phase']}]  {shown}", flush=True)
 
     result = train(cfg, out_dir=out, callback=report, progress=not args.quiet,
-                   checkpoint_interval_s=args.checkpoint_interval)
+                   checkpoint_interval_s=args.checkpoint_interval_s)
     print(json.dumps({"final_dev": {k: v for k, v in result["final"].items()
                                     if k.startswith("dev_")},
                       "test": result.get("test", {})}, indent=1))
@@ -69,15 +70,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from study.launcher import StudyOptions, launch
 
-    opts = StudyOptions(space=args.space, num_samples=args.num_samples, data=args.data,
-                        address=args.address, num_workers=args.num_workers,
-                        gpus_per_worker=args.gpus_per_worker,
-                        cpus_per_worker=args.cpus_per_worker, mlflow_uri=args.mlflow_uri,
-                        name=args.name, storage=args.storage,
-                        max_concurrent_trials=args.max_concurrent_trials,
-                        execution=args.execution, warm_start=args.warm_start,
-                        checkpoint_interval_s=args.checkpoint_interval)
-    _print_summary(launch(opts))
+    _print_summary(launch(_options(StudyOptions, args)))
     return 0
 
 
@@ -122,12 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_answer(args: argparse.Namespace) -> int:
     from study.answer import AnswerOptions, answer
 
-    opts = AnswerOptions(data=args.data, space=args.space, num_samples=args.num_samples,
-                         seeds=args.seeds, name=args.name, storage=args.storage,
-                         address=args.address, mlflow_uri=args.mlflow_uri,
-                         max_concurrent_trials=args.max_concurrent_trials)
-    out = answer(opts)
-    print(json.dumps(out, indent=1, default=str))
+    print(json.dumps(answer(_options(AnswerOptions, args)), indent=1, default=str))
     return 0
 
 
@@ -135,6 +123,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from study.reporting import serve_ui
 
     return serve_ui(args.study, host=args.host, port=args.port)
+
+
+def _options(kind: type, args: argparse.Namespace) -> Any:
+    """The options dataclass ``kind`` from the parsed arguments of the same names."""
+    return kind(**{f.name: getattr(args, f.name) for f in fields(kind) if hasattr(args, f.name)})
 
 
 def _print_summary(summary: dict) -> None:
@@ -246,6 +239,7 @@ def _seconds(text: str) -> float:
 
 def _checkpoint_interval_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="SECONDS",
+                   dest="checkpoint_interval_s",
                    help="least seconds between two checkpoints besides the first and last "
                    "epoch's (0: every epoch); a run that fails redoes at most that much")
 

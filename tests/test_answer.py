@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from analysis import schema as S
 from analysis.answer import Measured, Run, System, answer_dict, comparisons, markdown
-from search_spaces.arms import arm_space
+from search_spaces.arms import arm_space, retrain_config, systems
 from search_spaces.space import SpaceSpec, shipped_spaces
-from study.answer import AnswerOptions, StudyError, answer, retrain_config, systems
+from study.answer import AnswerOptions, StudyError, answer
 from trainables.config import RunConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -185,23 +185,24 @@ def _opts(space: Path, storage: Path, scifact_dir: Path, **kw):
                         verbose=0, **kw)
 
 
-def _cli(*args: str, log: Path):
+def _cli(*args: str, log: Path, env: dict[str, str] | None = None):
     """``python -m study.cli ARGS`` in its own process group (the driver and the Ray it
-    starts), output appended to ``log``."""
+    starts), output appended to ``log``; ``env`` adds to the environment."""
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "study.cli", *args], env=env,
                                 cwd=log.parent, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
-def _launch_cli(space: Path, storage: Path, scifact_dir: Path, *extra: str, log: Path):
+def _launch_cli(space: Path, storage: Path, scifact_dir: Path, *extra: str, log: Path,
+                env: dict[str, str] | None = None):
     storage.mkdir(parents=True, exist_ok=True)
     return _cli("launch", "--space", str(space), "--storage", str(storage), "--data",
-                str(scifact_dir), *extra, log=log)
+                str(scifact_dir), *extra, log=log, env=env)
 
 
 def _server_up(server) -> str:
@@ -313,17 +314,24 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
 
     server = mlflow_server
     uri = _server_up(server)
-    name, samples, epochs = "killed", 6, 8
-    # trials of several seconds: long enough to kill the driver beside a running trial (with
-    # reuse_actors a short trial ends in about a second, and the study before the kill)
-    space = tiny_space(tmp_path, name, num_samples=samples, epochs=epochs, steps=12,
-                       parameters=CONTINUOUS,
+    name, samples = "killed", 6
+    # trials of several seconds and of different lengths (3-14 epochs): long enough to kill
+    # the driver beside a running trial (with reuse_actors a short trial ends in about a
+    # second, and the study before the kill), and two trials that run side by side do not end
+    # together (a new suggestion comes while the other one still runs)
+    parameters = {**CONTINUOUS, "train.epochs": {"type": "int", "low": 3, "high": 14}}
+    space = tiny_space(tmp_path, name, num_samples=samples, epochs=14, steps=12,
+                       parameters=parameters,
                        searcher={"kind": "tpe", "seed": 0, "n_startup_trials": 10})
     storage = tmp_path / "studies"
     study_dir = storage / name
     log = tmp_path / "launch.log"
+    # MLflow's retries off: the driver's first write to the stopped server fails at once
+    # (its live writes run beside the study, so retries would not slow the study down and the
+    # study could end before the outage shows)
     proc = _launch_cli(space, storage, scifact_dir, "--mlflow-uri", uri,
-                       "--max-concurrent-trials", "2", log=log)
+                       "--max-concurrent-trials", "2", log=log,
+                       env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     try:
         wait_for(lambda: sum(t.state.name == "COMPLETE"
                              for t in _optuna_trials(study_dir, name)) >= 1,
@@ -408,6 +416,7 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
             assert child["info"]["status"] == S.STATUS_KILLED
             assert child["tags"][S.TAG_STOP_REASON] == S.STOP_REASON_ORPHANED
             continue
+        epochs = int({p["key"]: p["value"] for p in child["data"]["params"]}["train.epochs"])
         for key in (METRIC, "train_loss", "effective_rank"):
             steps = [s for s, _ in _rest_history(uri, child["info"]["run_id"], key)]
             assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
