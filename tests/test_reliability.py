@@ -315,51 +315,52 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
     server = mlflow_server
     uri = _server_up(server)
     name, samples = "killed", 6
-    # trials of several seconds and of different lengths (3-14 epochs): long enough to kill
-    # the driver beside a running trial (with reuse_actors a short trial ends in about a
-    # second, and the study before the kill), and two trials that run side by side do not end
-    # together (a new suggestion comes while the other one still runs)
-    parameters = {**CONTINUOUS, "train.epochs": {"type": "int", "low": 3, "high": 14}}
-    space = tiny_space(tmp_path, name, num_samples=samples, epochs=14, steps=12,
+    # trials of 8-16 epochs (several seconds: with reuse_actors a short trial ends in about a
+    # second, and the study before the kill) and of different lengths, so that two trials
+    # that run side by side do not end together
+    parameters = {**CONTINUOUS, "train.epochs": {"type": "int", "low": 8, "high": 16}}
+    space = tiny_space(tmp_path, name, num_samples=samples, epochs=16, steps=12,
                        parameters=parameters,
                        searcher={"kind": "tpe", "seed": 0, "n_startup_trials": 10})
     storage = tmp_path / "studies"
     study_dir = storage / name
     log = tmp_path / "launch.log"
-    # MLflow's retries off: the driver's first write to the stopped server fails at once
-    # (its live writes run beside the study, so retries would not slow the study down and the
-    # study could end before the outage shows)
+    # MLflow's retries off: the driver's first write to the stopped server fails at once (its
+    # live writes run beside the study, and the outage must show before the trials end)
     proc = _launch_cli(space, storage, scifact_dir, "--mlflow-uri", uri,
                        "--max-concurrent-trials", "2", log=log,
                        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    # the view as the server's own store holds it, read directly while the server is down
+    store = f"sqlite:///{server.root / 'mlflow.db'}"
+
+    def open_in_flight(min_left: int = 1) -> set[str]:
+        """Trials that trained an epoch, have ``min_left`` epochs or more to go, and whose
+        run the view holds RUNNING: the runs a driver killed now leaves open."""
+        results = _tune_results(study_dir / "ray" / name)
+        left = {t: rows[-1]["config"]["train.epochs"] - rows[-1]["epoch"]
+                for t, rows in results.items() if rows}
+        running = {r.data.tags[S.TAG_TRIAL_ID] for r in child_runs(store, name)
+                   if r.info.status == S.STATUS_RUNNING}
+        return {t for t, n in left.items() if n >= min_left} & running
+
     try:
         wait_for(lambda: sum(t.state.name == "COMPLETE"
                              for t in _optuna_trials(study_dir, name)) >= 1,
                  240, proc, "a first trial to complete", log)
+        # the outage begins while a trial with epochs to go runs with its run open
+        wait_for(lambda: open_in_flight(min_left=6), 120, proc,
+                 "a trial with epochs to go and an open run", log)
         server.stop()
-        # the view as the server's own store holds it, read directly while the server is down:
-        # a result Tune recorded after the outage began is one the view lacks
-        store = f"sqlite:///{server.root / 'mlflow.db'}"
+        at_outage = len(_optuna_trials(study_dir, name))
         wait_for(lambda: "a write for trial" in log.read_text(errors="replace")
                  and _missing_from_view(store, study_dir, name), 60, proc,
                  "the driver to miss MLflow and record results all the same", log)
         # kill after a suggestion made during the outage (just after one, before Tune saves
-        # it, with luck) while a trial is in flight (it trained an epoch and has not
-        # finished) whose run the view holds RUNNING (it started before the outage): the run
-        # a killed driver leaves open. With reuse_actors only the newly suggested trial may be
-        # running when a suggestion appears, so the two need not be seen in the same poll.
-        at_outage = len(_optuna_trials(study_dir, name))
-
-        def new_suggestion_beside_a_running_trial() -> bool:
-            in_flight = {d.name for d in (study_dir / "trials").glob("*")
-                         if (d / "checkpoints" / "epoch_0001").exists()
-                         and not (d / "metrics.json").exists()}
-            open_runs = {r.data.tags[S.TAG_TRIAL_ID] for r in child_runs(store, name)
-                         if r.info.status == S.STATUS_RUNNING}
-            return len(_optuna_trials(study_dir, name)) > at_outage and bool(in_flight & open_runs)
-
-        wait_for(new_suggestion_beside_a_running_trial, 120, proc,
-                 "a new suggestion beside a running trial", log)
+        # it, with luck) while a trial whose run is open is in flight; a trial that started
+        # before the outage is about to end with no suggestion since: kill now
+        wait_for(lambda: open_in_flight() and (len(_optuna_trials(study_dir, name)) > at_outage
+                                               or not open_in_flight(min_left=3)),
+                 120, proc, "a new suggestion beside a running trial", log)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait()
