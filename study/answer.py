@@ -42,6 +42,7 @@ from analysis import schema as S
 from search_spaces.arms import ARMS, arm_space, retrain_config, systems
 from search_spaces.space import load_space, space_file
 from study.launcher import StudyError, StudyOptions
+from study.tracking import StudyTracker
 
 log = logging.getLogger(__name__)
 
@@ -329,58 +330,48 @@ def command_line(opts: AnswerOptions) -> str:
     return " ".join(parts)
 
 
+class AnswerTracker(StudyTracker):
+    """The answer's MLflow runs: a parent (``ROLE_ANSWER``) and a child per retrained run
+    (``ROLE_RETRAIN``), named by ``<dataset>/<system>/<seed>``."""
+
+    ROLES, CHILD_KEY = (S.ROLE_ANSWER, S.ROLE_RETRAIN), S.TAG_ANSWER_RUN
+
+
 def _log_mlflow(uri: str, name: str, paths: dict[str, Path], jobs, results,
                 result: dict[str, Any]) -> None:
     """The answer's MLflow record: a parent run (report, table, verdicts) and a child run per
     retrained run (its test figures, and its per-query figures as an artifact). Idempotent:
-    runs are found again by their tags."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    runs are found again by their tags; a finished child is left as it is."""
+    from mlflow.entities import Metric
 
     from trainables.config import flatten
 
-    client = MlflowClient(uri)
-    exp_name = S.experiment_name(name)
-    exp = client.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        exp_name, artifact_location=S.local_artifact_location(uri, exp_name))
-    parent = _get_or_create(client, exp_id, {S.TAG_ROLE: S.ROLE_ANSWER, S.TAG_STUDY: name},
-                            name)
+    tracker = AnswerTracker(uri, name, description=f"jepa-study answer {name}: does the "
+                            f"JEPA predictor help? Report: {paths['html']}")
+    parent, now = tracker.run(), int(time.time() * 1000)
     for path in paths.values():
-        client.log_artifact(parent, str(path), S.ARTIFACT_ANSWER)
-    for i, row in enumerate(result["comparisons"]["in_domain"]):
+        tracker.client.log_artifact(parent.run_id, str(path), S.ARTIFACT_ANSWER)
+    numbers = {}
+    for row in result["comparisons"]["in_domain"]:
         key = S.mlflow_key(f"{row['dataset']}.{row['comparison']}")
-        client.log_metric(parent, f"{key}.diff_points", row["diff_points"])
-        client.log_metric(parent, f"{key}.p_permutation_holm", row["p_permutation_holm"])
-    client.set_terminated(parent, S.STATUS_FINISHED)
+        numbers.update({f"{key}.diff_points": row["diff_points"],
+                        f"{key}.p_permutation_holm": row["p_permutation_holm"]})
+    # the latest figures, over the point an earlier invocation logged
+    tracker.client.log_batch(parent.run_id, metrics=[Metric(k, float(v), now, 0)
+                                                     for k, v in numbers.items()])
+    tracker.end(parent, S.STATUS_FINISHED, None)
     for (ds, system, seed, cfg, out_dir), res in zip(jobs, results):
-        tags = {S.TAG_ROLE: S.ROLE_RETRAIN, S.TAG_STUDY: name, S.TAG_PARENT_RUN_ID: parent,
-                S.TAG_ANSWER_RUN: f"{ds}/{system}/{seed}"}
-        run = _get_or_create(client, exp_id, tags, f"{ds}-{system}-seed{seed}")
-        if client.get_run(run).info.status == S.STATUS_FINISHED:
+        run = tracker.run(f"{ds}/{system}/{seed}")
+        if run.status == S.STATUS_FINISHED:
             continue
         params = {S.PARAM_DATASET: ds, S.PARAM_SYSTEM: system, S.PARAM_SEED: seed,
                   S.PARAM_SCORE_WITH: cfg.eval.score_with,
                   **flatten(cfg.model_dump(mode="json", exclude={"provenance"}))}
-        items = [Param(S.mlflow_key(k), str(v)[:S.MAX_PARAM_VALUE_LENGTH])
-                 for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run, params=items[i:i + 100])
+        tracker.fill(run, params, {}, {S.ARTIFACT_CONFIG: cfg.to_yaml()})
         numbers = {k: float(v) for k, v in (res.get("test") or {}).items()
                    if isinstance(v, (int, float))}
         numbers.update({S.SELECTION: float(res["best_dev_ndcg_at_10"]),
                         S.BEST_EPOCH: float(res["best_epoch"])})
-        client.log_batch(run, metrics=[Metric(S.mlflow_key(k), v, int(time.time() * 1000), 0)
-                                       for k, v in numbers.items()])
-        client.log_artifact(run, str(out_dir / S.ARTIFACT_PER_QUERY))  # the loop wrote it
-        client.log_text(run, cfg.to_yaml(), S.ARTIFACT_CONFIG)
-        client.set_terminated(run, S.STATUS_FINISHED)
-
-
-def _get_or_create(client, exp_id: str, tags: dict[str, str], run_name: str) -> str:
-    filt = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    found = client.search_runs([exp_id], filt, max_results=1)
-    if found:
-        return found[0].info.run_id
-    return client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
-
+        tracker.log_metrics(run, [Metric(S.mlflow_key(k), v, now, 0) for k, v in numbers.items()])
+        tracker.client.log_artifact(run.run_id, str(out_dir / S.ARTIFACT_PER_QUERY))
+        tracker.end(run, S.STATUS_FINISHED, None)

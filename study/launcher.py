@@ -111,7 +111,7 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     with driver_lock(meta["dir"]):
         tracker = _while_ray_starts(opts, lambda: _open_tracking(meta, spec))
-        from study.sync import study_fields, sync
+        from study.sync import open_study, sync
         from study.tuner import fit, make_tuner
 
         ending: tuple[str, str | None] = (S.STATUS_FAILED, "driver failed")
@@ -122,7 +122,7 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
                     log.warning("runs of trials %s were left RUNNING by a driver that was "
                                 "killed: marked KILLED (a trial that resumes reopens its run)",
                                 orphans)
-            tracker.start_study(*study_fields(meta, spec))
+            open_study(tracker, meta, spec)
             tuner = make_tuner(meta, spec, opts, _shared_inputs(meta, spec), tracker, resume)
             if fit(tuner):
                 raise KeyboardInterrupt  # Tune caught the SIGINT, stopped and saved its state

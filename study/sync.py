@@ -16,6 +16,7 @@ import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -155,8 +156,18 @@ def open_tracker(meta: dict[str, Any], spec: Any) -> StudyTracker:
     return StudyTracker(meta["mlflow_uri"], meta["name"], description=describe(meta, spec))
 
 
-def study_fields(meta: dict[str, Any], spec: Any) -> tuple[dict, dict, str]:
-    """The parent run's params, tags and space text."""
+def open_study(tracker: StudyTracker, meta: dict[str, Any], spec: Any) -> TrackedRun:
+    """The parent run, found or created, with the study's fields, and RUNNING: a driver runs
+    the study (again, on resume)."""
+    parent = tracker.run()
+    fill_study(tracker, parent, meta, spec)
+    tracker.reopen(parent)
+    return parent
+
+
+def fill_study(tracker: StudyTracker, parent: TrackedRun, meta: dict[str, Any],
+               spec: Any) -> None:
+    """The parent run's params, tags and the space as ``space.yaml``."""
     opts = meta["options"]
     params = {S.PARAM_SPACE: Path(meta["space_file"]).stem,
               S.PARAM_NUM_SAMPLES: opts.get("num_samples") or spec.num_samples,
@@ -166,8 +177,9 @@ def study_fields(meta: dict[str, Any], spec: Any) -> tuple[dict, dict, str]:
               S.PARAM_GPUS_PER_WORKER: opts.get("gpus_per_worker"),
               **{S.version_param(p): _version(p) for p in ("ray", "optuna", "mlflow", "torch")},
               S.PARAM_PYTHON: platform.python_version()}
-    tags = {S.TAG_GIT_COMMIT: meta.get("git_commit", "unknown"), S.TAG_STUDY_DIR: str(meta["dir"])}
-    return params, tags, Path(meta["space_file"]).read_text()
+    tags = {S.TAG_GIT_COMMIT: meta.get("git_commit", "unknown"), S.TAG_STUDY_DIR: str(meta["dir"]),
+            S.TAG_ROLE: S.ROLE_STUDY, S.TAG_STUDY: tracker.study_name}
+    tracker.fill(parent, params, tags, {S.ARTIFACT_SPACE: Path(meta["space_file"]).read_text()})
 
 
 def _version(package: str) -> str:
@@ -177,6 +189,60 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "unknown"
+
+
+@dataclass
+class TrialWriter:
+    """Writes a trial's child run from Tune's record of the trial: the live Tune callback with
+    what each event brings, :func:`sync` with the whole record. One path, so that the live
+    view and a rebuilt one are the same.
+
+    Args:
+        tracker: The study's tracker.
+        study_dir: The study's directory (stop reasons, per-query figures).
+        max_epochs: The space's epoch budget (a trial ended before it was stopped early).
+        trial_config: Tune config -> the trial's ``RunConfig`` (None: the Tune config).
+    """
+
+    tracker: StudyTracker
+    study_dir: str
+    max_epochs: int
+    trial_config: Callable[[dict], Any] | None = None
+
+    def write(self, trial: TrialRecord, run: TrackedRun | None = None, *, live: bool = True,
+              leftover: tuple[str, str] = (S.STATUS_KILLED, S.STOP_REASON_ORPHANED),
+              report: SyncReport | None = None) -> TrackedRun | None:
+        """Makes the run of ``trial`` (``run``, else found or created) show it: params and
+        config once, its results' points (each (key, step) once), the per-query figures of an
+        ended trial, and its status. ``live``: a driver runs the study, so a RUNNING trial's
+        run is RUNNING; otherwise a run left RUNNING ends with ``leftover``. Returns the run,
+        or None for a trial that never started and has none."""
+        tracker, report = self.tracker, report if report is not None else SyncReport()
+        if run is None:
+            if not (trial.results or trial.status in ENDED or (live and trial.status == "RUNNING")):
+                return None
+            run = tracker.run(trial.trial_id)
+            report.created.append(trial.trial_id)
+        params, text = trial_fields(self.trial_config, trial.config) if not run.params \
+            else (None, None)
+        tracker.fill(run, params, {S.TAG_PARENT_RUN_ID: tracker.run().run_id,
+                                   S.TAG_RUN_NAME: trial.name}, {S.ARTIFACT_CONFIG: text})
+        report.logged += _log_results(tracker, run, trial.results)
+        if trial.status in ENDED or not live:
+            _log_per_query(tracker, run, trial_output_dir(self.study_dir, trial.trial_id))
+        if trial.status in ENDED:
+            want = ENDED[trial.status]
+            if run.status != want or S.TAG_STOP_REASON not in run.tags:
+                reason = trial.error if trial.status == "ERROR" else \
+                    stop_reason(self.study_dir, self.max_epochs, trial)
+                tracker.end(run, want, reason)
+                report.ended.append(trial.trial_id)
+        elif live and trial.status == "RUNNING":
+            tracker.reopen(run)
+        elif not live and run.status == S.STATUS_RUNNING:
+            tracker.end(run, *leftover)
+            report.orphaned.append(trial.trial_id)
+        return run
 
 
 def trial_fields(trial_config: Callable[[dict], Any] | None,
@@ -227,38 +293,17 @@ def sync(study: str | Path, *, tracker: StudyTracker | None = None,
     report = SyncReport(trials=len(trials))
     found = _study_runs(tracker)
     parent = _one_run(tracker, None, found.pop(None, []), report) or tracker.run()
-    params, tags, space_yaml = study_fields(meta, spec)
-    tracker.fill(parent, params, {**tags, S.TAG_ROLE: S.ROLE_STUDY}, {S.ARTIFACT_SPACE: space_yaml})
-    max_epochs = spec.base_config().train.total_epochs
-
-    def config_of(params: dict) -> Any:
-        return spec.trial_config(params, data_path=meta["data_dir"])
-
+    fill_study(tracker, parent, meta, spec)
+    writer = TrialWriter(tracker, str(meta["dir"]), spec.base_config().train.total_epochs,
+                         partial(spec.trial_config, data_path=meta["data_dir"]))
     leftover = (S.STATUS_KILLED, (ending and ending[1]) or S.STOP_REASON_ORPHANED)
     statuses: dict[str, int] = {}
     for trial in trials:
-        run = _one_run(tracker, trial.trial_id, found.pop(trial.trial_id, []), report)
-        if run is None and not trial.results and trial.status not in ENDED:
-            continue  # never started: nothing to show
-        if run is None:
-            run = tracker.run(trial.trial_id)
-            report.created.append(trial.trial_id)
-        params, text = trial_fields(config_of, trial.config) if not run.params else (None, None)
-        tracker.fill(run, params, {S.TAG_PARENT_RUN_ID: parent.run_id,
-                                   S.TAG_RUN_NAME: trial.name}, {S.ARTIFACT_CONFIG: text})
-        report.logged += _log_results(tracker, run, trial.results)
-        _log_per_query(tracker, run, trial_output_dir(meta["dir"], trial.trial_id))
-        if trial.status in ENDED:
-            want = ENDED[trial.status]
-            if run.status != want or S.TAG_STOP_REASON not in run.tags:
-                reason = trial.error if trial.status == "ERROR" else \
-                    stop_reason(meta["dir"], max_epochs, trial)
-                tracker.end(run, want, reason)
-                report.ended.append(trial.trial_id)
-        elif run.status == S.STATUS_RUNNING and not live:
-            tracker.end(run, *leftover)
-            report.orphaned.append(trial.trial_id)
-        statuses[run.status] = statuses.get(run.status, 0) + 1
+        run = writer.write(trial, _one_run(tracker, trial.trial_id,
+                                           found.pop(trial.trial_id, []), report),
+                           live=live, leftover=leftover, report=report)
+        if run is not None:
+            statuses[run.status] = statuses.get(run.status, 0) + 1
     for trial_id, runs in found.items():  # runs of trials Tune lost with a killed driver
         run = _one_run(tracker, trial_id, runs, report)
         tracker.set_tags(run, {S.TAG_PARENT_RUN_ID: parent.run_id})

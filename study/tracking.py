@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -170,6 +169,9 @@ class StudyTracker:
     a description it has (perhaps edited in the UI).
     """
 
+    ROLES = (S.ROLE_STUDY, S.ROLE_TRIAL)  #: ``TAG_ROLE`` of the parent run and of a child run
+    CHILD_KEY = S.TAG_TRIAL_ID  #: the tag naming a child run (its trial id)
+
     def __init__(self, tracking_uri: str, study_name: str, experiment_name: str | None = None,
                  *, artifact_location: str | None = None, description: str | None = None) -> None:
         self._settings = dict(tracking_uri=tracking_uri, study_name=study_name,
@@ -201,68 +203,27 @@ class StudyTracker:
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
-    # --- what the launcher and the Tune callback write -----------------------------------------
-    def start_study(self, params: Mapping[str, Any] | None = None,
-                    tags: Mapping[str, Any] | None = None, space_yaml: str | None = None) -> str:
-        """Get or create the parent run, with params (flattened, redacted, logged once), tags
-        and the space as ``space.yaml``, and set it RUNNING (again, on resume)."""
-        run = self.run()
-        self.fill(run, params, {**redact(tags or {}), S.TAG_ROLE: S.ROLE_STUDY,
-                                S.TAG_STUDY: self.study_name}, {S.ARTIFACT_SPACE: space_yaml})
-        self.reopen(run)
-        return run.run_id
-
-    def trial_run(self, trial_id: str, params: Mapping[str, Any] | None = None,
-                  config_yaml: str | None = None, tags: Mapping[str, Any] | None = None) -> str:
-        """Get or create a trial's run and set it RUNNING; its history is read once, so that a
-        retried or resumed trial never logs a (key, step) twice."""
-        run = self.run(trial_id)
-        self.fill(run, params, redact(tags or {}), {S.ARTIFACT_CONFIG: config_yaml})
-        self.reopen(run)
-        self.history(run)
-        return run.run_id
-
-    def log_epoch(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
-        """One epoch's numbers at ``step`` (keys through ``schema.mlflow_key``); NaN and inf go
-        to the ``jepa.nonfinite`` tag; (key, step) pairs the run holds are skipped."""
-        run = self.run(trial_id)
-        finite, nonfinite = metric_entries(metrics)
-        now = int(time.time() * 1000)
-        self.log_metrics(run, [Metric(k, v, now, int(step)) for k, v in finite.items()])
-        self.note_nonfinite(run, [(k, int(step)) for k in nonfinite])
-
-    def end_trial(self, trial_id: str, status: str, reason: str | None = None) -> None:
-        self.end(self.run(trial_id), status, reason)
-
-    def end_study(self, status: str = S.STATUS_FINISHED, reason: str | None = None) -> None:
-        self.end(self.run(), status, reason)
-
-    def run_id(self, trial_id: str | None = None) -> str | None:
-        """Run id of the parent (no argument) or of a trial, if the tracker knows it."""
-        run = self._runs.get(trial_id)
-        return run.run_id if run else None
-
     def forget(self) -> None:
         """Drop what the tracker knows of the runs; they are looked up again when next used."""
         self._runs.clear()
 
-    # --- building blocks, shared with study.sync -----------------------------------------------
+    # --- building blocks of study.sync's writers ----------------------------------------------
     def run(self, trial_id: str | None = None) -> TrackedRun:
         """The parent run (``None``) or a trial's: known, else found by tags (the oldest),
         else created RUNNING."""
         if trial_id in self._runs:
             return self._runs[trial_id]
-        role = S.ROLE_STUDY if trial_id is None else S.ROLE_TRIAL
+        role = self.ROLES[0] if trial_id is None else self.ROLES[1]
         filt = self.filter(role)
         if trial_id is not None:
-            filt += f" AND tags.`{S.TAG_TRIAL_ID}` = '{_check_id('trial id', trial_id)}'"
+            filt += f" AND tags.`{self.CHILD_KEY}` = '{_check_id('trial id', trial_id)}'"
         hits = self.client.search_runs([self.experiment_id()], filt, max_results=1,
                                        order_by=["attributes.start_time ASC"])
         if hits:
             return self.adopt(trial_id, hits[0])
         tags = {S.TAG_STUDY: self.study_name, S.TAG_ROLE: role, S.TAG_STATUS: S.STATUS_RUNNING}
         if trial_id is not None:
-            tags.update({S.TAG_TRIAL_ID: trial_id, S.TAG_PARENT_RUN_ID: self.run().run_id})
+            tags.update({self.CHILD_KEY: trial_id, S.TAG_PARENT_RUN_ID: self.run().run_id})
         run = self.adopt(trial_id, self.client.create_run(
             self.experiment_id(), tags=tags, run_name=trial_id or self.study_name))
         run.logged = set()
@@ -279,8 +240,8 @@ class StudyTracker:
     def fill(self, run: TrackedRun, params: Mapping[str, Any] | None,
              tags: Mapping[str, Any], texts: Mapping[str, str | None]) -> None:
         """Tags; with the params, the text artifacts if the run has no params yet; the params
-        it lacks (a value it has stays: MLflow params are immutable)."""
-        self.set_tags(run, tags)
+        it lacks (a value it has stays: MLflow params are immutable). All redacted."""
+        self.set_tags(run, redact(tags))
         if not params:
             return
         if not run.params:

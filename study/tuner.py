@@ -14,8 +14,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import ray
 from ray import tune
@@ -26,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from analysis import schema as S
 from search_spaces.searcher import build_searcher
 from study.studydir import StudyOptions, experiment_dir, optuna_url
-from study.sync import result_metrics, stop_reason, trial_error, trial_fields
+from study.sync import TrialRecord, TrialWriter, trial_error
 from study.tracking import StudyTracker
 from study.trial import CheckpointGuard, make_trainable, max_concurrent_trials, trial_resources
 
@@ -66,8 +65,8 @@ def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict
                               gpus_per_worker=opts.gpus_per_worker or 1, execution=opts.execution)
     max_epochs = spec.base_config().train.total_epochs
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(),
-                 MLflowTrialCallback(tracker, trial_config,
-                                     partial(stop_reason, str(meta["dir"]), max_epochs))]
+                 MLflowTrialCallback(TrialWriter(tracker, str(meta["dir"]), max_epochs,
+                                                 trial_config))]
     multi = not isinstance(spec.metric, str)
     if spec.scheduler.kind == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.scheduler.max_t or max_epochs,
@@ -108,9 +107,8 @@ def fit(tuner: tune.Tuner) -> bool:
 
 
 class MLflowTrialCallback(Callback):
-    """Writes each trial's MLflow child run live: params and config (from ``trial_config``:
-    Tune config -> ``RunConfig``; None: the Tune config), every epoch, the end (with
-    ``stop_reason``: Tune trial -> why it ended without error).
+    """Keeps each trial's MLflow child run live: hands what each Tune event brings (the trial's
+    config, a result, its end) to ``study.sync``'s :class:`TrialWriter`, the writer sync uses.
 
     The writes run on a thread of their own, in order: a function trainable's report waits
     until the driver has handled it, so a write made here would hold every trial up each
@@ -122,34 +120,30 @@ class MLflowTrialCallback(Callback):
 
     RETRY_S = 5.0
 
-    def __init__(self, tracker: StudyTracker, trial_config: Callable[[dict], Any] | None = None,
-                 stop_reason: Callable[[Any], str] | None = None) -> None:
-        self.tracker, self.trial_config, self.stop_reason = tracker, trial_config, stop_reason
-        self._opened: set[str] = set()
+    def __init__(self, writer: TrialWriter) -> None:
+        self.writer, self.tracker = writer, writer.tracker
         self._retry_at: float | None = None  # while MLflow is unreachable
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict:
-        return {"tracker": self.tracker, "trial_config": self.trial_config,
-                "stop_reason": self.stop_reason}
+        return {"writer": self.writer}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._put(self._open, trial)
+        self._put(trial, "RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        self._put(self._log, trial, *result_metrics(result))
+        self._put(trial, "RUNNING", result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        reason = self.stop_reason(trial) if self.stop_reason else None
-        self._put(self._end, trial, S.STATUS_FINISHED, reason)
+        self._put(trial, "TERMINATED", trial.last_result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._put(self._end, trial, S.STATUS_FAILED, trial_error(trial))
+        self._put(trial, "ERROR", trial.last_result, trial_error(trial))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.flush()
@@ -158,42 +152,26 @@ class MLflowTrialCallback(Callback):
         """Waits until every write asked for so far is done (or skipped)."""
         self._queue.join()
 
-    def _put(self, write: Callable, trial: Any, *args: Any) -> None:
-        """Queues ``write`` with what it needs of the trial now (Tune's trial changes)."""
-        seen = SimpleNamespace(trial_id=trial.trial_id, config=dict(trial.config or {}),
-                               name=str(trial))
+    def _put(self, trial: Any, status: str, result: dict | None = None,
+             error: str | None = None) -> None:
+        """Queues the trial as Tune has it now (Tune's trial changes), with ``result``."""
+        record = TrialRecord(trial.trial_id, str(trial), status, dict(trial.config or {}),
+                             [dict(result)] if result else [], error)
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="jepa-study-mlflow",
                                             daemon=True)
             self._thread.start()
-        self._queue.put((write, seen, args))
+        self._queue.put(record)
 
     def _work(self) -> None:
         while True:
-            write, trial, args = self._queue.get()
+            record = self._queue.get()
             try:
-                self._write(write, trial, *args)
+                self._write(record)
             finally:
                 self._queue.task_done()
 
-    def _open(self, trial: Any) -> None:
-        params, config_yaml = trial_fields(self.trial_config, trial.config)
-        self.tracker.trial_run(trial.trial_id, params, config_yaml,
-                               tags={S.TAG_RUN_NAME: trial.name})
-        self._opened.add(trial.trial_id)
-
-    def _log(self, trial: Any, step: int, metrics: dict) -> None:
-        if trial.trial_id not in self._opened:
-            self._open(trial)
-        self.tracker.log_epoch(trial.trial_id, metrics, step)
-
-    def _end(self, trial: Any, status: str, reason: str | None) -> None:
-        if trial.trial_id not in self._opened:
-            self._open(trial)
-        self.tracker.end_trial(trial.trial_id, status, reason)
-        self._opened.discard(trial.trial_id)
-
-    def _write(self, write: Callable, trial: Any, *args: Any) -> None:
+    def _write(self, trial: TrialRecord) -> None:
         if self._retry_at is not None:
             now = time.monotonic()
             if now < self._retry_at:
@@ -204,10 +182,9 @@ class MLflowTrialCallback(Callback):
             log.warning("MLflow %s answers again", self.tracker.tracking_uri)
             self._retry_at = None
         try:
-            write(trial, *args)
+            self.writer.write(trial)
         except Exception as err:  # noqa: BLE001 - a view's outage must not stop the study
             self.tracker.forget()  # what it knew of the runs may be stale now
-            self._opened.clear()
             if self._retry_at is None:
                 log.warning("MLflow %s: a write for trial %s failed (%s); the study goes on, "
                             "and `jepa-study sync` fills in what was missed when it ends",

@@ -37,6 +37,30 @@ def tiny_space(tmp_path: Path, name: str = "tiny", *, num_samples: int = 4, epoc
     return path
 
 
+def write_parent(tracker: Any, params: dict | None = None, tags: dict | None = None,
+                 space_yaml: str | None = None) -> str:
+    """A study's parent run as ``study.sync.open_study`` writes it (RUNNING), from the
+    tracker's blocks, for tests without a study directory."""
+    run = tracker.run()
+    tracker.fill(run, params, tags or {}, {S.ARTIFACT_SPACE: space_yaml})
+    tracker.reopen(run)
+    return run.run_id
+
+
+def ended_trial(trial_id: str, config: dict, epochs: list[dict], status: str,
+                reason: str) -> Any:
+    """Tune's record of a trial that ended with the MLflow ``status`` (FINISHED or FAILED) and
+    stop ``reason``, after one result per epoch (``epochs``: each epoch's metrics)."""
+    from study.sync import TrialRecord
+
+    results = [{"epoch": i, **m} for i, m in enumerate(epochs, start=1)]
+    if status == S.STATUS_FAILED:
+        return TrialRecord(trial_id, trial_id, "ERROR", config, results, reason)
+    assert status == S.STATUS_FINISHED, status
+    results[-1] = {**results[-1], "end_reason": reason}  # the loop's word for why it ended
+    return TrialRecord(trial_id, trial_id, "TERMINATED", config, results)
+
+
 def child_runs(uri: str, study: str) -> list:
     """Every child (trial) run of a study, any status."""
     client = MlflowClient(uri)

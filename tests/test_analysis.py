@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from study_helpers import ended_trial, write_parent
 
 from analysis import schema as S
 from analysis.export import PROVENANCE_KEYS, export_configs, load_warm_start
@@ -86,7 +87,7 @@ def record(tmp_path_factory, scifact_dir):
     """A study directory with mlflow.db and optuna.db holding the TRIALS above."""
     from functools import partial
 
-    from study.sync import trial_fields
+    from study.sync import TrialWriter
     from study.tracking import StudyTracker
 
     study_dir = tmp_path_factory.mktemp("study")
@@ -95,17 +96,18 @@ def record(tmp_path_factory, scifact_dir):
     space_file = study_dir / "space.yaml"
     space_file.write_text(yaml.safe_dump(SPACE, sort_keys=False))
     tracker = StudyTracker(uri, STUDY)
-    parent = tracker.start_study(
-        {"space": STUDY, "num_samples": len(TRIALS), "data": str(scifact_dir),
-         "optuna_version": optuna.__version__},
+    parent = write_parent(
+        tracker, {"space": STUDY, "num_samples": len(TRIALS), "data": str(scifact_dir),
+                  "optuna_version": optuna.__version__},
         {S.TAG_STUDY_DIR: str(study_dir)}, space_yaml=space_file.read_text())
     ostudy = optuna.create_study(storage=storage, study_name=STUDY, direction="maximize")
     spec = load_space(space_file)
     build = partial(spec.trial_config, data_path=str(scifact_dir))
+    writer = TrialWriter(tracker, str(study_dir), 3, build)
     configs = {}
     for trial_id, (params, status, reason, dev, test) in TRIALS.items():
-        tracker.trial_run(trial_id, *trial_fields(build, params))
         configs[trial_id] = build(params)
+        epochs = []
         for epoch, value in enumerate(dev, start=1):
             best = max(dev[:epoch])
             metrics = {"dev_ndcg_at_10": value, "dev_query_ndcg_at_10": value,
@@ -117,8 +119,8 @@ def record(tmp_path_factory, scifact_dir):
                 metrics.update({"test_ndcg_at_10": test, "test_query_ndcg_at_10": test,
                                 "test_predictor_ndcg_at_10": test - 0.2,
                                 "best_test_ndcg_at_10": test})
-            tracker.log_epoch(trial_id, metrics, epoch)
-        tracker.end_trial(trial_id, status, reason)
+            epochs.append(metrics)
+        writer.write(ended_trial(trial_id, params, epochs, status, reason))
         fixed = optuna.trial.FixedTrial(params)
         spec.define_by_run(fixed)
         failed = status == S.STATUS_FAILED
@@ -126,7 +128,7 @@ def record(tmp_path_factory, scifact_dir):
             params=fixed.params, distributions=fixed.distributions,
             value=None if failed else dev[-1],
             state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE))
-    tracker.end_study(S.STATUS_FINISHED)
+    tracker.end(tracker.run(), S.STATUS_FINISHED, None)
     return {"uri": uri, "storage": storage, "dir": study_dir, "parent": parent,
             "configs": configs, "data_dir": str(scifact_dir), "space": space_file}
 
@@ -312,22 +314,24 @@ def test_report_is_self_contained_and_logged(record, tmp_path):
 
 
 def test_report_pareto_section_and_empty_study(record):
+    from study.sync import TrialWriter
     from study.tracking import StudyTracker
 
     multi = StudyTracker(record["uri"], "multi")
-    multi.start_study({"space": "multi"}, space_yaml="metric: [dev_ndcg_at_10, dev_recall_at_100]"
-                      "\nmode: [max, max]\nparameters: {}\n")
+    write_parent(multi, {"space": "multi"}, space_yaml="metric: [dev_ndcg_at_10, "
+                 "dev_recall_at_100]\nmode: [max, max]\nparameters: {}\n")
+    writer = TrialWriter(multi, str(record["dir"]), 1)
     for i, (ndcg, recall) in enumerate(((0.6, 0.80), (0.65, 0.70), (0.5, 0.75))):
-        multi.trial_run(f"m{i}", {"loss": {"lambda_pred": 0.5 * i}})
-        multi.log_epoch(f"m{i}", {"dev_ndcg_at_10": ndcg, "dev_recall_at_100": recall}, 1)
-        multi.end_trial(f"m{i}", S.STATUS_FINISHED, "completed")
+        writer.write(ended_trial(f"m{i}", {"loss": {"lambda_pred": 0.5 * i}},
+                                 [{"dev_ndcg_at_10": ndcg, "dev_recall_at_100": recall}],
+                                 S.STATUS_FINISHED, "completed"))
     report = render_report(record["uri"], "multi", strict=True)
     assert "pareto" in report.sections and "pareto" in report.figures
     front = pareto_front(load_runs(record["uri"], "multi"), ["dev_ndcg_at_10",
                                                              "dev_recall_at_100"], ["max", "max"])
     assert front.tolist() == [True, True, False]
 
-    StudyTracker(record["uri"], "empty").start_study({"space": "empty"})
+    write_parent(StudyTracker(record["uri"], "empty"), {"space": "empty"})
     empty = render_report(record["uri"], "empty")  # no trials yet: notes, not a crash
     assert set(empty.sections) == set(SECTIONS) - {"pareto"}
     assert "<dt>trials</dt><dd>0</dd>" in empty.html

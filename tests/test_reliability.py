@@ -21,7 +21,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from mlflow_fixtures import free_port, mlflow_server  # noqa: F401
-from study_helpers import child_runs, optuna_states, tiny_space, wait_for
+from study_helpers import child_runs, optuna_states, tiny_space, wait_for, write_parent
 
 import faults
 from analysis import schema as S
@@ -80,6 +80,7 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
     from ray import tune
 
     from search_spaces.space import load_preset
+    from study.sync import TrialWriter
     from study.tracking import StudyTracker
     from study.trial import CheckpointGuard, make_trainable, trial_resources
     from study.tuner import MLflowTrialCallback
@@ -98,7 +99,7 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
     study_dir = tmp_path / "study"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = StudyTracker(uri, "faults")
-    tracker.start_study({"kind": "fault injection"})
+    write_parent(tracker, {"kind": "fault injection"})
     trainable = make_trainable(study_dir=study_dir, loop="faults:train_failing_once",
                                config_builder=build, objective_keys=[METRIC],
                                shared={"data": ray.put(scifact),
@@ -108,11 +109,12 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
         param_space={"fault": tune.grid_search(FAULTS)},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", max_concurrent_trials=2),
         run_config=tune.RunConfig(name="faults", storage_path=str(tmp_path / "ray"),
-                                  callbacks=[CheckpointGuard(), MLflowTrialCallback(tracker)],
+                                  callbacks=[CheckpointGuard(), MLflowTrialCallback(
+                                      TrialWriter(tracker, str(study_dir), EPOCHS))],
                                   verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1)))
     grid = tuner.fit()
-    tracker.end_study(S.STATUS_FINISHED)
+    tracker.end(tracker.run(), S.STATUS_FINISHED, None)
 
     by_fault = {r.config["fault"]: r for r in grid}
     assert set(by_fault) == set(FAULTS)

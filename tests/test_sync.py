@@ -207,7 +207,7 @@ def test_sync_repairs_missing_partial_duplicate_and_stale_records(record, tmp_pa
     name, ids = study_dir.name, _trials(study_dir)
     tracker = StudyTracker(tracking_uri, name)
     client = tracker.client
-    first_parent = tracker.start_study({"space": "space"})
+    first_parent = tracker.run().run_id
     exp = tracker.experiment_id()
     study_tags = {S.TAG_STUDY: name}
     client.create_run(exp, tags={**study_tags, S.TAG_ROLE: S.ROLE_STUDY}, run_name=name)

@@ -12,12 +12,15 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow_fixtures import free_port, mlflow_server, tracking_uri  # noqa: F401
+from study_helpers import write_parent
 
 from analysis import schema as S
+from study.sync import TrialRecord, TrialWriter
 from study.tracking import StudyTracker, TrackingError, redact
 from study.tuner import MLflowTrialCallback
 
@@ -36,12 +39,24 @@ def _trial_runs(client: MlflowClient, tracker: StudyTracker, trial_id: str) -> l
                               f"tags.`{S.TAG_TRIAL_ID}` = '{trial_id}'")
 
 
-def test_parent_and_children(tracking_uri):
+def _writer(tracker: StudyTracker, study_dir: Path, max_epochs: int = 10) -> TrialWriter:
+    return TrialWriter(tracker, str(study_dir), max_epochs)
+
+
+def _record(trial_id: str, config: dict | None = None, results: list | None = None,
+            status: str = "RUNNING", error: str | None = None) -> TrialRecord:
+    """A trial as Tune has it (``TrialRecord``: what the callback and sync hand the writer)."""
+    return TrialRecord(trial_id, f"jepa_trial_{trial_id}", status, config or {}, results or [],
+                       error)
+
+
+def test_parent_and_children(tracking_uri, tmp_path):
     tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
     tracker.check_reachable()
-    parent = tracker.start_study({"space": {"lr": [1e-4, 1e-2]}}, {S.TAG_GIT_COMMIT: "abc123"},
-                                 space_yaml="lr: [0.0001, 0.01]\n")
-    kids = [tracker.trial_run(t, {"lr": 0.01, "model": {"depth": 2}}, "lr: 0.01\n")
+    parent = write_parent(tracker, {"space": {"lr": [1e-4, 1e-2]}}, {S.TAG_GIT_COMMIT: "abc123"},
+                     "lr: [0.0001, 0.01]\n")
+    writer = _writer(tracker, tmp_path)
+    kids = [writer.write(_record(t, {"lr": 0.01, "model": {"depth": 2}})).run_id
             for t in ("t_00000", "t_00001")]
     run = client.get_run(parent)
     assert run.data.tags[S.TAG_ROLE] == S.ROLE_STUDY
@@ -54,12 +69,14 @@ def test_parent_and_children(tracking_uri):
         assert child.data.tags[S.TAG_TRIAL_ID] == trial_id
         assert child.data.tags[S.TAG_ROLE] == S.ROLE_TRIAL
         assert child.data.params["model.depth"] == "2"
-        assert child.info.run_name == trial_id
+        assert child.info.run_name == f"jepa_trial_{trial_id}"
         assert [a.path for a in client.list_artifacts(kid)] == [S.ARTIFACT_CONFIG]
-    tracker.end_study(S.STATUS_KILLED)
+        config = client.download_artifacts(kid, S.ARTIFACT_CONFIG, str(tmp_path / kid))
+        assert "depth: 2" in Path(config).read_text()
+    tracker.end(tracker.run(), S.STATUS_KILLED, None)
     assert client.get_run(parent).info.status == S.STATUS_KILLED
     again = StudyTracker(tracking_uri, tracker.study_name)  # resume: same parent, RUNNING
-    assert again.start_study({}, {}) == parent
+    assert write_parent(again) == parent
     assert client.get_run(parent).info.status == S.STATUS_RUNNING
     location = client.get_experiment_by_name(tracker.experiment_name).artifact_location
     if tracking_uri.startswith("sqlite"):  # beside the store, never in the working directory
@@ -75,82 +92,101 @@ def test_experiment_kind_and_description(tracking_uri):
     about = "Study s searches the space quick: a few trials. Report: /studies/s/report.html"
     tracker = StudyTracker(tracking_uri, _study(), description=about)
     copy = pickle.loads(pickle.dumps(tracker))  # as Tune restores the callback's tracker
-    copy.start_study({}, {})  # creates the experiment
+    write_parent(copy)  # creates the experiment
     tags = client.get_experiment_by_name(tracker.experiment_name).tags
     assert tags[S.TAG_EXPERIMENT_KIND] == S.EXPERIMENT_KIND == "custom_model_development"
     assert tags[S.TAG_EXPERIMENT_NOTE] == about
 
     bare = _study()  # an experiment made without the tags: they are added on resume
     exp_id = client.create_experiment(S.experiment_name(bare))
-    StudyTracker(tracking_uri, bare, description=about).start_study({}, {})
+    write_parent(StudyTracker(tracking_uri, bare, description=about))
     tags = client.get_experiment(exp_id).tags
     assert (tags[S.TAG_EXPERIMENT_KIND], tags[S.TAG_EXPERIMENT_NOTE]) == (S.EXPERIMENT_KIND, about)
 
     client.set_experiment_tag(exp_id, S.TAG_EXPERIMENT_NOTE, "edited in the UI")
-    StudyTracker(tracking_uri, bare, description="new text").start_study({}, {})
+    write_parent(StudyTracker(tracking_uri, bare, description="new text"))
     assert client.get_experiment(exp_id).tags[S.TAG_EXPERIMENT_NOTE] == "edited in the UI"
-    StudyTracker(tracking_uri, bare).start_study({}, {})  # no description: nothing removed
+    write_parent(StudyTracker(tracking_uri, bare))  # no description: nothing removed
     assert client.get_experiment(exp_id).tags[S.TAG_EXPERIMENT_NOTE] == "edited in the UI"
 
 
-def test_one_run_per_trial_id(tracking_uri):
+def test_one_run_per_trial_id(tracking_uri, tmp_path):
+    """A trial's run is found again, by this writer and a fresh one (a resumed driver); the
+    params a run has are kept, the ones it lacks on first write are added."""
     study, client = _study(), MlflowClient(tracking_uri)
-    first = StudyTracker(tracking_uri, study)
-    first.start_study({}, {})
-    a = first.trial_run("t1", {"lr": 1}, None)
-    assert first.trial_run("t1", {"lr": 1, "wd": 0.1}, None) == a
-    fresh = StudyTracker(tracking_uri, study)
-    assert fresh.trial_run("t1", {"lr": 3}, None) == a  # changed value: kept, no error
-    runs = _trial_runs(client, fresh, "t1")
+    first = _writer(StudyTracker(tracking_uri, study), tmp_path)
+    a = first.write(_record("t1", {"lr": 1, "wd": 0.1})).run_id
+    assert first.write(_record("t1", {"lr": 2})).run_id == a
+    fresh = _writer(StudyTracker(tracking_uri, study), tmp_path)
+    assert fresh.write(_record("t1", {"lr": 3})).run_id == a  # changed value: kept, no error
+    runs = _trial_runs(client, fresh.tracker, "t1")
     assert [r.info.run_id for r in runs] == [a]
     assert runs[0].data.params == {"lr": "1", "wd": "0.1"}
+    assert _writer(StudyTracker(tracking_uri, study), tmp_path).write(
+        _record("t2", status="PENDING"), live=True) is None  # never started: no run
 
 
-def test_resumed_trial_logs_each_step_once(tracking_uri):
+def test_resumed_trial_logs_each_step_once(tracking_uri, tmp_path):
     study, client = _study(), MlflowClient(tracking_uri)
-    first = StudyTracker(tracking_uri, study)
-    run_id = first.trial_run("t1", {}, None)
-    for epoch in (1, 2, 3):
-        first.log_epoch("t1", {"loss": float(epoch), "ndcg@10": 0.1 * epoch}, step=epoch)
-    first.end_trial("t1", S.STATUS_KILLED, "driver stopped")
-    second = StudyTracker(tracking_uri, study)  # a resumed driver
-    assert second.trial_run("t1", {}, None) == run_id
+    first = _writer(StudyTracker(tracking_uri, study), tmp_path)
+    run_id = first.write(_record("t1", results=[
+        _result(e, loss=float(e), **{"ndcg@10": 0.1 * e}) for e in (1, 2, 3)])).run_id
+    first.tracker.end(first.tracker.run("t1"), S.STATUS_KILLED, "driver stopped")
+    second = _writer(StudyTracker(tracking_uri, study), tmp_path)  # a resumed driver
+    assert second.write(_record("t1")).run_id == run_id
     run = client.get_run(run_id)
     assert run.info.status == S.STATUS_RUNNING
     assert S.TAG_STOP_REASON not in run.data.tags
     for epoch in (2, 3, 4, 5):
-        second.log_epoch("t1", {"loss": 10.0 + epoch, "ndcg@10": 0.2}, step=epoch)
-    second.log_epoch("t1", {"loss": 99.0}, step=5)  # same process, same (key, step)
+        second.write(_record("t1", results=[_result(epoch, loss=10.0 + epoch,
+                                                    **{"ndcg@10": 0.2})]))
+    second.write(_record("t1", results=[_result(5, loss=99.0)]))  # same (key, step)
     assert _history(client, run_id, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0),
                                                (5, 15.0)]
     assert [s for s, _ in _history(client, run_id, "ndcg_at_10")] == [1, 2, 3, 4, 5]
 
 
-def test_end_statuses_and_reopen(tracking_uri):
+def test_end_statuses_and_reopen(tracking_uri, tmp_path):
+    """Tune's end of a trial as the run's status and stop reason (the trial's error; the
+    collapse guard's marker; the loop's end reason; a scheduler's stop before the budget;
+    completed); left RUNNING by a driver that is gone: KILLED; a retried trial reopens."""
     tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
-    cases = {"ok": (S.STATUS_FINISHED, None), "bad": (S.STATUS_FAILED, "ValueError: boom"),
-             "cut": (S.STATUS_KILLED, "asha")}
-    ids = {t: tracker.trial_run(t, {}, None) for t in cases}
-    for trial_id, (status, reason) in cases.items():
-        tracker.end_trial(trial_id, status, reason)
-    for trial_id, (status, reason) in cases.items():
+    writer = _writer(tracker, tmp_path, max_epochs=3)
+    (tmp_path / "stops").mkdir()
+    (tmp_path / "stops" / "guarded.txt").write_text("collapse: effective_rank 2 < 4")
+    cases = {"bad": (_record("bad", results=[_result(1)], status="ERROR",
+                             error="ValueError: boom"), S.STATUS_FAILED, "ValueError: boom"),
+             "guarded": (_record("guarded", results=[_result(2)], status="TERMINATED"),
+                         S.STATUS_FINISHED, "collapse: effective_rank 2 < 4"),
+             "patience": (_record("patience", results=[_result(2, end_reason="patience")],
+                                  status="TERMINATED"), S.STATUS_FINISHED, "patience"),
+             "asha": (_record("asha", results=[_result(1)], status="TERMINATED"),
+                      S.STATUS_FINISHED,
+                      "early_stopped: scheduler stopped the trial after epoch 1"),
+             "ok": (_record("ok", results=[_result(3)], status="TERMINATED"), S.STATUS_FINISHED,
+                    "completed"),
+             "gone": (_record("gone", results=[_result(1)]), S.STATUS_KILLED, "driver failed")}
+    ids = {t: writer.write(rec, live=t != "gone", leftover=(S.STATUS_KILLED, "driver failed")
+                           ).run_id for t, (rec, _, _) in cases.items()}
+    for trial_id, (_, status, reason) in cases.items():
         run = client.get_run(ids[trial_id])
-        assert run.info.status == status
+        assert run.info.status == status, trial_id
         assert run.data.tags[S.TAG_STATUS] == status
         assert run.data.tags.get(S.TAG_STOP_REASON) == reason
-    assert tracker.trial_run("bad", {}, None) == ids["bad"]  # retried trial
+    assert writer.write(_record("bad")).run_id == ids["bad"]  # retried trial
     run = client.get_run(ids["bad"])
     assert (run.info.status, run.data.tags[S.TAG_STATUS]) == (S.STATUS_RUNNING, S.STATUS_RUNNING)
+    assert S.TAG_STOP_REASON not in run.data.tags
     with pytest.raises(ValueError):
-        tracker.end_trial("ok", "DONE")
+        tracker.end(tracker.run("ok"), "DONE", None)
 
 
-def test_children_visible_over_rest(tracking_uri):
+def test_children_visible_over_rest(tracking_uri, tmp_path):
     if not tracking_uri.startswith("http"):
         pytest.skip("REST API only on the server backend")
     tracker = StudyTracker(tracking_uri, _study())
-    parent = tracker.start_study({}, {})
-    kids = {tracker.trial_run(t, {}, None) for t in ("a", "b")}
+    parent = write_parent(tracker)
+    kids = {_writer(tracker, tmp_path).write(_record(t)).run_id for t in ("a", "b")}
     body = json.dumps({"experiment_ids": [tracker.experiment_id()],
                        "filter": f"tags.mlflow.parentRunId = '{parent}'"}).encode()
     req = urllib.request.Request(f"{tracking_uri}/api/2.0/mlflow/runs/search", data=body,
@@ -160,11 +196,12 @@ def test_children_visible_over_rest(tracking_uri):
     assert {r["info"]["run_id"] for r in runs} == kids
 
 
-def test_sanitised_keys_and_nonfinite(tracking_uri):
+def test_sanitised_keys_and_nonfinite(tracking_uri, tmp_path):
     tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
-    run_id = tracker.trial_run("t1", {"eval.k@": 10}, None)
-    tracker.log_epoch("t1", {"ndcg@10": 0.5, "loss": math.nan, "note": "text"}, step=1)
-    tracker.log_epoch("t1", {"ndcg@10": 0.6, "loss": math.inf}, step=2)
+    writer = _writer(tracker, tmp_path)
+    run_id = writer.write(_record("t1", {"eval.k@": 10}, [
+        _result(1, **{"ndcg@10": 0.5, "loss": math.nan, "note": "text"})])).run_id
+    writer.write(_record("t1", results=[_result(2, **{"ndcg@10": 0.6, "loss": math.inf})]))
     run = client.get_run(run_id)
     assert set(run.data.metrics) == {"ndcg_at_10"}
     assert run.data.params == {"eval.k_at_": "10"}
@@ -180,14 +217,21 @@ def test_secrets_never_logged(tracking_uri, monkeypatch, tmp_path):
               "API_KEY": "k", "auth": "basic"}
     clean = redact(params)
     assert clean == {"lr": 0.1, "hub": {}}
-    tracker.start_study(params, {"who": secret})
-    run_id = tracker.trial_run("t1", clean, f"token: {secret}\n")
-    tracker.end_trial("t1", S.STATUS_FAILED, f"error with {secret} inside")
-    for rid in (run_id, tracker.run_id()):
+    parent = write_parent(tracker, params, {"who": secret})
+
+    def config(tune_config: dict) -> SimpleNamespace:  # a run config whose YAML leaks
+        return SimpleNamespace(to_dict=lambda: tune_config,
+                               to_yaml=lambda: f"token: {secret}\nlr: 0.1\n")
+
+    writer = TrialWriter(tracker, str(tmp_path), 10, config)
+    run_id = writer.write(_record("t1", clean, [_result(1)], "ERROR",
+                                  f"error with {secret} inside")).run_id
+    for rid in (run_id, parent):
         run = client.get_run(rid)
         logged = {**run.data.params, **run.data.tags}
         assert not [k for k, v in logged.items() if secret in v or secret in k]
-    assert client.get_run(run_id).data.params == {"lr": "0.1"}
+    assert {k: v for k, v in client.get_run(run_id).data.params.items()
+            if not k.startswith(S.SEARCH_PREFIX)} == {"lr": "0.1"}
     text = Path(client.download_artifacts(run_id, S.ARTIFACT_CONFIG, str(tmp_path))).read_text()
     assert secret not in text and text.startswith("token:")
 
@@ -197,6 +241,7 @@ class _Trial:
 
     def __init__(self, trial_id: str, config: dict) -> None:
         self.trial_id, self.config, self.last_result = trial_id, config, {}
+        self.error_file = "/nonexistent/error.txt"
 
     def get_error(self) -> str:
         return "Failure # 1\n  File x.py\nRuntimeError: boom\n"
@@ -205,36 +250,33 @@ class _Trial:
         return f"jepa_trial_{self.trial_id}"
 
 
-def _why(trial) -> str:
-    return trial.last_result["why"]
-
-
 def _result(epoch: int, **metrics) -> dict:
     return {"epoch": epoch, "training_iteration": epoch + 10, "time_total_s": 3.0,
             "done": False, "hostname": "h", "trial_id": "x", "node_id": "n", "diverged": False,
             **metrics}
 
 
-def test_callback_drives_tracker(tracking_uri):
+def test_callback_drives_tracker(tracking_uri, tmp_path):
     tracker, client = StudyTracker(tracking_uri, _study()), MlflowClient(tracking_uri)
-    tracker.start_study({}, {})
-    callback = MLflowTrialCallback(tracker, stop_reason=_why)
+    write_parent(tracker)
+    callback = MLflowTrialCallback(_writer(tracker, tmp_path))
     copy = pickle.loads(pickle.dumps(callback))  # Tune pickles callbacks into its state
     assert (copy.tracker.study_name, copy.tracker.tracking_uri) == (tracker.study_name,
                                                                     tracking_uri)
     trial = _Trial("abc_00000", {"lr": 0.1, "model": {"depth": 2}})
     callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
     for epoch in (1, 2):
-        trial.last_result = {"why": "asha"}
+        trial.last_result = _result(epoch, dev_ndcg_at_10=0.1 * epoch, end_reason="patience")
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
-                                 result=_result(epoch, dev_ndcg_at_10=0.1 * epoch))
+                                 result=trial.last_result)
     callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
-    trial.last_result = {"why": "changed after the callback: not the stop reason"}
+    trial.last_result = _result(2, end_reason="changed after the callback: not the reason")
     callback.flush()  # the writes run on the callback's own thread
-    run = client.get_run(tracker.run_id("abc_00000"))
+    run = client.get_run(tracker.run("abc_00000").run_id)
     assert set(run.data.metrics) == {"dev_ndcg_at_10"}
     assert [s for s, _ in _history(client, run.info.run_id, "dev_ndcg_at_10")] == [1, 2]
-    assert (run.info.status, run.data.tags[S.TAG_STOP_REASON]) == (S.STATUS_FINISHED, "asha")
+    assert (run.info.status, run.data.tags[S.TAG_STOP_REASON]) == (S.STATUS_FINISHED,
+                                                                   "patience")
     assert run.data.params == {"lr": "0.1", "model.depth": "2"}
     assert run.data.tags[S.TAG_RUN_NAME] == "jepa_trial_abc_00000"
     callback.on_trial_error(iteration=3, trials=[trial], trial=trial)
@@ -260,7 +302,7 @@ def test_mlflow_key():
         assert len(key) <= 250 and all(c.isascii() for c in key)
 
 
-def test_server_down_mid_study(mlflow_server, caplog):
+def test_server_down_mid_study(mlflow_server, caplog, tmp_path):
     """The live callback under an outage: Tune's side never waits for MLflow (the writes run
     on the callback's thread); MLflow's own retries (bounded, not off) stall the first write
     that fails for seconds at most, later ones are skipped at once while the server is away,
@@ -274,15 +316,15 @@ def test_server_down_mid_study(mlflow_server, caplog):
     try:
         tracker = StudyTracker(server.uri, _study())
         assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) > 0
-        tracker.start_study({}, {})
-        callback = MLflowTrialCallback(tracker)
+        write_parent(tracker)
+        callback = MLflowTrialCallback(_writer(tracker, tmp_path))
         callback.RETRY_S = 1.0
         trial = _Trial("t1", {"lr": 0.1})
         callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial,
                                  result=_result(1, loss=1.0))
         callback.flush()
-        run_id = tracker.run_id("t1")
+        run_id = tracker.run("t1").run_id
         server.stop()
         start = time.monotonic()
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial,

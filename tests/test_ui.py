@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
-from study_helpers import processes
+from study_helpers import ended_trial, processes, write_parent
 
 from analysis import schema as S
 
@@ -68,6 +68,7 @@ def study_dir(tmp_path_factory) -> Path:
     finished parent run and one finished child run per trial in TRIALS; the experiment's
     description is written as the launcher writes it."""
     from study.studydir import StudyOptions, default_mlflow_uri
+    from study.sync import TrialWriter
     from study.tracking import StudyTracker
 
     root = tmp_path_factory.mktemp("studies")
@@ -85,15 +86,17 @@ def study_dir(tmp_path_factory) -> Path:
                    f"Report: {study_dir / 'report.html'} "
                    f"(written by `jepa-study report {study_dir}`).")
     tracker = StudyTracker(uri, STUDY, description=description)
-    tracker.start_study({"space": STUDY, "num_samples": len(TRIALS)},
-                        {S.TAG_STUDY_DIR: str(study_dir)})
+    write_parent(tracker, {"space": STUDY, "num_samples": len(TRIALS)},
+                 {S.TAG_STUDY_DIR: str(study_dir)})
+    writer = TrialWriter(tracker, str(study_dir), max_epochs=max(map(len, TRIALS.values())))
     for trial_id, dev in TRIALS.items():
-        tracker.trial_run(trial_id, {"loss.lambda_pred": 0.5},
-                          tags={S.TAG_RUN_NAME: _run_name(trial_id)})
-        for epoch, value in enumerate(dev, start=1):
-            tracker.log_epoch(trial_id, {S.OBJECTIVE: value, "train_loss": 1.0 / epoch}, epoch)
-        tracker.end_trial(trial_id, S.STATUS_FINISHED, "completed")
-    tracker.end_study(S.STATUS_FINISHED)
+        trial = ended_trial(trial_id, {"loss.lambda_pred": 0.5},
+                            [{S.OBJECTIVE: value, "train_loss": 1.0 / epoch}
+                             for epoch, value in enumerate(dev, start=1)],
+                            S.STATUS_FINISHED, "completed")
+        trial.name = _run_name(trial_id)
+        writer.write(trial)
+    tracker.end(tracker.run(), S.STATUS_FINISHED, None)
     return study_dir
 
 
