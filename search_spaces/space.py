@@ -270,6 +270,19 @@ class SpaceSpec(_Strict):
         return [self._point(item, f"points_to_evaluate[{i}]")
                 for i, item in enumerate(self.points_to_evaluate)]
 
+    def always_suggested(self) -> list[str]:
+        """The Optuna names every trial has (a console table fails on an absent key).
+
+        A parameter without ``when`` is suggested in every trial, as is its on/off switch,
+        except the switch of the last member of ``at_least_one_on``: it is not suggested
+        (forced on) when the other members are off. A ``zero`` parameter's value is absent
+        while it is off, so only its switch counts.
+        """
+        forced = self.at_least_one_on[-1] if self.at_least_one_on else None
+        return [name + SWITCH if getattr(p, "zero", False) else name
+                for name, p in self.parameters.items()
+                if not p.when and not (getattr(p, "zero", False) and name == forced)]
+
     # -- the one walk through the parameters, shared by Optuna, points and checks ----------
 
     def _walk(self, pick: Callable[[str, Any], Any]) -> dict[str, Any]:

@@ -216,36 +216,19 @@ class CollapseStopper(Stopper):
 
 
 def progress_reporter(spec: Any) -> tune.CLIReporter:
-    """Tune's console table of a study: epoch, dev figures, and the always-set parameters."""
+    """Tune's console table of a study: epoch, dev figures, and the always-set parameters
+    (a switch shown as ``<name> on``)."""
+    from search_spaces.space import SWITCH
+
     return tune.CLIReporter(
         metric_columns={"epoch": "epoch", "dev_ndcg_at_10": "dev nDCG@10",
                         S.SELECTION: "best dev", S.BEST_EPOCH: "best ep",
                         "effective_rank": "eff. rank"},
-        parameter_columns=always_suggested(spec),
+        parameter_columns={name: name.removesuffix(SWITCH).split(".")[-1]
+                           + (" on" if name.endswith(SWITCH) else "")
+                           for name in spec.always_suggested()},
         sort_by_metric=isinstance(spec.metric, str),
         max_report_frequency=15, print_intermediate_tables=True)
-
-
-def always_suggested(spec: Any) -> dict[str, str]:
-    """Table columns: the parameters every trial has (Tune's table fails on an absent key).
-
-    A parameter without ``when`` is suggested in every trial, as is its on/off switch, except
-    the switch of the last member of ``at_least_one_on``: it is not suggested (forced on)
-    when the other members are off. A ``zero`` parameter's value is absent while it is off.
-    """
-    from search_spaces.space import SWITCH
-
-    forced = spec.at_least_one_on[-1] if spec.at_least_one_on else None
-    columns = {}
-    for name, p in spec.parameters.items():
-        if p.when:
-            continue
-        short = name.split(".")[-1]
-        if not getattr(p, "zero", False):
-            columns[name] = short
-        elif name != forced:
-            columns[name + SWITCH] = short + " on"
-    return columns
 
 
 @contextlib.contextmanager

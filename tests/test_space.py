@@ -295,6 +295,21 @@ def test_at_least_one_on_forces_the_last_switch():
         assert cfg.loss.lambda_pred > 0 or cfg.loss.lambda_con > 0
 
 
+
+@pytest.mark.parametrize("name", ["quick", "jepa_core", "seed_phases"])
+def test_always_suggested_is_in_every_trial(name):
+    """What ``always_suggested`` names is in every trial's params, and nothing in every one of
+    120 random trials is left out of it, except a ``zero`` parameter's value (absent while
+    it is off; its switch stands for it)."""
+    spec = load_space(name)
+    always = spec.always_suggested()
+    trials = _random_study(spec, 120)
+    assert always and all(set(always) <= set(params) for params in trials)
+    in_every = set.intersection(*(set(params) for params in trials))
+    left_out = in_every - set(always)
+    assert all(getattr(spec.parameters.get(k), "zero", False) for k in left_out), left_out
+
+
 def test_resolve_maps_switches_and_alternatives():
     spec = load_space("jepa_core")
     out = spec.resolve({"loss.lambda_pred:on": False, "loss.lambda_con": 1,
