@@ -219,8 +219,9 @@ class TrialWriter:
         or None for a trial that never started and has none."""
         tracker, report = self.tracker, report if report is not None else SyncReport()
         if run is None:
-            if not (trial.results or trial.status in ENDED or (live and trial.status == "RUNNING")):
-                return None
+            running = live and trial.status == "RUNNING"
+            if not (trial.results or trial.status in ENDED or running):
+                return None  # never started: nothing to show
             run = tracker.run(trial.trial_id)
             report.created.append(trial.trial_id)
         params, text = trial_fields(self.trial_config, trial.config) if not run.params \
