@@ -253,7 +253,12 @@ def _space_yaml(spec: Any) -> str:
 
 
 def _init_ray(opts: StudyOptions) -> None:
-    """Local Ray by default; ``--address`` joins a cluster and ships this project to it."""
+    """A new local Ray by default; ``--address`` joins a cluster and ships this project to it.
+
+    Without ``--address`` Ray is started with ``address="local"``: a bare ``ray.init()`` would
+    join the cluster named in Ray's ``ray_current_cluster`` file, which a killed ``ray start``
+    or test cluster leaves behind pointing at nothing, and then waits on it for minutes.
+    ``--address auto`` joins a cluster started on this machine."""
     import ray
 
     env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -274,7 +279,7 @@ def _init_ray(opts: StudyOptions) -> None:
     # line's: stop like Ctrl-C) is put back.
     on_term = (signal.getsignal(signal.SIGTERM)
                if threading.current_thread() is threading.main_thread() else None)
-    ray.init(address=opts.address, runtime_env=runtime_env, include_dashboard=False,
+    ray.init(address=opts.address or "local", runtime_env=runtime_env, include_dashboard=False,
              log_to_driver=opts.verbose > 1, configure_logging=True,
              logging_level=logging.WARNING)
     if callable(on_term):

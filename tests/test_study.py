@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -42,7 +44,23 @@ def _opts(space: Path, storage: Path, scifact_dir: Path, **kw) -> StudyOptions:
                         verbose=0, **kw)
 
 
-def test_quick_study_tracks_every_trial(tmp_path, scifact_dir, scifact_features):
+@pytest.fixture
+def stale_ray_address(monkeypatch):
+    """Ray's file naming the cluster of the last ``ray start``, left behind pointing at nothing
+    (a killed ``ray start`` or test cluster leaves it), in a Ray temp dir of this test's own."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_quick_study_tracks_every_trial(tmp_path, scifact_dir, scifact_features,
+                                        stale_ray_address):
+    # a local study starts a Ray of its own: it does not wait on the stale cluster
     space = tiny_space(tmp_path, "e2e", num_samples=4, epochs=2)
     summary = launch(_opts(space, tmp_path / "studies", scifact_dir))
     study_dir = Path(summary["study_dir"])
@@ -127,8 +145,8 @@ def test_two_node_cluster_spreads_trials(tmp_path, scifact_dir, scifact_features
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
+    try:  # the head wrote Ray's ray_current_cluster file: shut it down whatever fails next
+        cluster.add_node(num_cpus=1)
         space = tiny_space(tmp_path, "spread", num_samples=4, epochs=2, steps=8)
         summary = launch(_opts(space, tmp_path / "studies", scifact_dir,
                                address=cluster.address))
@@ -224,7 +242,7 @@ def test_interrupt_watch_tells_tunes_sigint_from_a_normal_end(tmp_path, send_sig
             time.sleep(0.2)
             tune.report({"i": i})
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     before = signal.getsignal(signal.SIGINT)
     steps = 200 if send_sigint else 3
     ctrl_c = threading.Timer(8, os.kill, (os.getpid(), signal.SIGINT))

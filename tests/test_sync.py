@@ -65,8 +65,8 @@ def record(tmp_path_factory) -> Path:
     space = tiny_space(root, NAME, epochs=EPOCHS, parameters=PARAMETERS)
     shutil.copy(space, study_dir / "space.yaml")
     here = Path(__file__).resolve().parent  # the trials import _trainable from here
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={
-        "env_vars": {"PYTHONPATH": f"{here}:{here.parent}"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{here}:{here.parent}"}})
     try:
         tune.Tuner(_trainable, param_space={
             "loss.lambda_pred": 1.0,
