@@ -13,12 +13,14 @@ therefore a Tune *function* trainable that either
   restored trial finds its own run's checkpoints again and resumes from the newest one.
 
 Both paths report exactly one result per epoch (the loop's metrics plus ``trial_startup_s``).
-A report attaches the checkpoint the loop wrote that epoch, if any. The loop writes one on the
-first and last epoch and otherwise at most every ``checkpoint_interval_s`` seconds: a retry
-redoes at most that much training, and the epochs it reports again are not logged twice (the
-MLflow view keeps each (metric, step) once). The trial is deterministic given its config: the
-seed comes from the run config, torch's thread count from ``cpus_per_worker`` and a resumed
-trial continues from the checkpoint it last reported (never from a newer, unreported one).
+A report attaches the checkpoint the loop wrote that epoch, if any; once Tune or Train has
+stored its copy, the loop's is deleted (a trained base's checkpoint is ~400 MB: one copy is
+enough). The loop writes one on the first and last epoch and otherwise at most every
+``checkpoint_interval_s`` seconds: a retry redoes at most that much training, and the epochs
+it reports again are not logged twice (the MLflow view keeps each (metric, step) once). The
+trial is deterministic given its config: the seed comes from the run config, torch's thread
+count from ``cpus_per_worker`` and a resumed trial continues from the checkpoint it last
+reported (never from a newer, unreported one).
 
 Divergence (the loop raising ``TrainingDiverged``): the trial reports one last result with
 ``stop_reason``, ``diverged=True`` and NaN for the objective, with a checkpoint holding only
@@ -343,6 +345,8 @@ def _run_loop(spec: TrialSpec, run_config: Any, *, out_dir: Path, resume_from: P
         last.clear()
         last.update(plain)
         report(plain, None if checkpoint_dir is None else Path(checkpoint_dir))
+        if checkpoint_dir is not None:  # reported: Tune's or Train's copy is the one kept
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     try:
         extra = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v

@@ -93,18 +93,18 @@ def train_failing_once(cfg, *, out_dir: Path, callback: Callable | None = None,
 
 
 def _break_latest_reported(out_dir: Path, epoch: int, action: str) -> None:
-    """Corrupts or deletes epoch ``epoch``'s checkpoint: the loop's copy and Tune's copy."""
+    """Corrupts or deletes epoch ``epoch``'s checkpoint: Tune's copy, the only one once
+    reported (the loop's own was deleted)."""
     import ray.tune
 
+    assert not (out_dir / "checkpoints" / f"epoch_{epoch:04d}").exists()
     # Tune's copies live in the trial's storage directory (not its local trial dir)
     storage = Path(ray.tune.get_context().get_storage().trial_fs_path)
     tune_copies = sorted(storage.glob("checkpoint_*"))
     assert tune_copies, "no reported checkpoint to break"
-    local = out_dir / "checkpoints" / f"epoch_{epoch:04d}"
-    for victim in (tune_copies[-1], local):
-        if action == "delete":
-            shutil.rmtree(victim, ignore_errors=True)
-        else:
-            (victim / "state.pt").write_bytes(GARBAGE)
-    (Path(fault_dir(out_dir)) / f"{out_dir.name}.broken").write_text(
-        f"{tune_copies[-1].name} {local.name}\n")
+    victim = tune_copies[-1]
+    if action == "delete":
+        shutil.rmtree(victim, ignore_errors=True)
+    else:
+        (victim / "state.pt").write_bytes(GARBAGE)
+    (Path(fault_dir(out_dir)) / f"{out_dir.name}.broken").write_text(f"{victim.name}\n")

@@ -86,7 +86,7 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
     from study.tuner import MLflowTrialCallback
 
     path = os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path.rstrip(os.pathsep)}})
     base = load_preset("hybrid")
     base["train"].update(epochs=EPOCHS, max_steps_per_epoch=3, seed=11)
@@ -166,9 +166,8 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
             assert tune_epochs == {"checkpoint_000000": 1, "checkpoint_000001": None,
                                    "checkpoint_000002": 2, "checkpoint_000003": 3}, tune_epochs
             assert Path(result.checkpoint.path).name == "checkpoint_000003"
-            local = {p.name: _epoch_of(p) for p in
-                     (study_dir / "trials" / trial_id / "checkpoints").glob("epoch_*")}
-            assert local == {"epoch_0001": 1, "epoch_0002": 2, "epoch_0003": 3}, local
+            # the loop's own copies are deleted once reported: one copy of each on disk
+            assert not list((study_dir / "trials" / trial_id).glob("checkpoints/epoch_*"))
 
 
 def _epoch_of(checkpoint_dir: Path) -> int | None:

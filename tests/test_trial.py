@@ -115,7 +115,7 @@ def build(params: dict) -> dict:
 def ray_cluster():
     here = Path(__file__).resolve().parent
     path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path.rstrip(os.pathsep)}})
     yield
     ray.shutdown()
@@ -194,7 +194,7 @@ def test_epochs_reach_tune_with_checkpoints(baseline):
         assert result.metrics["data_tag"] == "from-object-store"  # shared= reached the loop
         trial_id = result.metrics["trial_id"]
         out = tmp / "study" / "trials" / trial_id
-        assert (out / "checkpoints" / "epoch_0003" / "state.pt").exists()
+        assert not list(out.glob("checkpoints/epoch_*"))  # reported: only Tune's/Train's copy
         if mode == "direct":
             assert result.checkpoint is not None
             assert (Path(result.checkpoint.path) / "state.pt").exists()
