@@ -392,6 +392,9 @@ def _resume_dir(checkpoint: Any, out_dir: Path,
         out_dir.mkdir(parents=True, exist_ok=True)
         yield None
         return
+    # the loop's own copies: a reported one is Tune's or Train's to keep (its copy here is
+    # left only by a stop between the report and the deletion), an unreported one is not used
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     local = _local_path(checkpoint)
     if local is not None:
         yield _newest_valid(local, loop)

@@ -150,6 +150,8 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
                            "corrupt@3": [1, 2], "delete@3": [1, 2]}[fault]
         assert starts == expected_starts, (fault, starts)
         assert run.info.status == S.STATUS_FINISHED, fault
+        # the loop's own copies are deleted once reported: one copy of each on disk
+        assert not list((study_dir / "trials" / trial_id).glob("checkpoints/epoch_*")), fault
         history = _history(uri, run.info.run_id)
         assert [s for s, _ in history] == list(range(1, EPOCHS + 1)), (fault, history)
         if ref_history is None:
@@ -166,8 +168,6 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
             assert tune_epochs == {"checkpoint_000000": 1, "checkpoint_000001": None,
                                    "checkpoint_000002": 2, "checkpoint_000003": 3}, tune_epochs
             assert Path(result.checkpoint.path).name == "checkpoint_000003"
-            # the loop's own copies are deleted once reported: one copy of each on disk
-            assert not list((study_dir / "trials" / trial_id).glob("checkpoints/epoch_*"))
 
 
 def _epoch_of(checkpoint_dir: Path) -> int | None:

@@ -21,8 +21,8 @@ torch = pytest.importorskip("torch")
 from ray import tune  # noqa: E402
 
 from study.trial import (  # noqa: E402
-    DIVERGED_MARKER, DRIVER_MEMORY, STOP_REASON, make_trainable, max_concurrent_trials,
-    resolve_execution, trial_resources)
+    DIVERGED_MARKER, DRIVER_MEMORY, STOP_REASON, _resume_dir, make_trainable,
+    max_concurrent_trials, resolve_execution, trial_resources)
 
 LOOP = f"{__name__}:fake_train"
 EPOCHS = 3
@@ -283,3 +283,24 @@ def test_divergence_in_train_mode(tmp_path):
     assert math.isnan(result.metrics[METRIC])
     # the worker caught it: Ray Train did not restart the worker group for it
     assert Path(str(marker) + ".calls").read_text().split() == ["start=0"]
+
+
+def test_resume_dir_leaves_one_copy_of_each_checkpoint(tmp_path):
+    """Resuming from a reported checkpoint clears the loop's own copies (a stop between a
+    report and its deletion leaves one); without one, unreported work is cleared too."""
+    out_dir = tmp_path / "trials" / "t1"
+    stale = out_dir / "checkpoints" / "epoch_0001"
+    stale.mkdir(parents=True)
+    (stale / "state.pt").write_bytes(b"x")
+    (out_dir / DIVERGED_MARKER).write_text("{}")
+    reported = tmp_path / "ray" / "t1" / "checkpoint_000000"
+    reported.mkdir(parents=True)
+    (reported / "state.pt").write_bytes(b"x")
+    with _resume_dir(tune.Checkpoint.from_directory(str(reported)), out_dir) as path:
+        assert path == reported
+        assert not (out_dir / "checkpoints").exists()
+    assert (reported / "state.pt").exists()
+    stale.mkdir(parents=True)
+    with _resume_dir(None, out_dir) as path:
+        assert path is None
+        assert [p.name for p in out_dir.iterdir()] == [DIVERGED_MARKER]
