@@ -146,14 +146,22 @@ def max_concurrent_trials(total_cpus: float, total_gpus: float = 0, *, num_worke
 
 
 class CheckpointGuard(Callback):
-    """Tune callback: lets a trial whose latest reported checkpoint directory vanished resume.
+    """Tune callback that keeps a study's checkpoints resumable and stored once.
 
-    Tune refuses to restore a trial (retry or resumed study) from a checkpoint directory that
-    no longer exists ("Could not recover from checkpoint as it does not exist on storage
-    anymore") and the trial errors for good. Just before Tune restores a trial, this recreates
-    such a directory empty, so that the trial's own fallback (:func:`_newest_valid`) resumes
-    from the newest valid older checkpoint, or fails saying there is none.
+    - Tune refuses to restore a trial (retry or resumed study) from a checkpoint directory
+      that no longer exists ("Could not recover from checkpoint as it does not exist on
+      storage anymore") and the trial errors for good. Just before Tune restores a trial, this
+      recreates such a directory empty, so that the trial's own fallback
+      (:func:`_newest_valid`) resumes from the newest valid older checkpoint, or fails saying
+      there is none.
+    - A trial deletes its loop's copy of a checkpoint once it is reported, but a trial that
+      Tune ends inside the report (an ASHA or ``stop`` decision) never gets there. When a
+      trial ends, this deletes the loop copies left under ``trials/<trial_id>/checkpoints``
+      (``study_dir`` given, and on the driver's filesystem); Tune's and Train's stay.
     """
+
+    def __init__(self, study_dir: str | Path | None = None) -> None:
+        self.study_dir = None if study_dir is None else str(Path(study_dir).resolve())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         checkpoint = trial.checkpoint
@@ -162,6 +170,13 @@ class CheckpointGuard(Callback):
             log.warning("trial %s: its latest checkpoint %s is gone; it resumes from the newest "
                         "valid older one", trial.trial_id, path)
             path.mkdir(parents=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.study_dir is not None:
+            shutil.rmtree(trial_output_dir(Path(self.study_dir), trial.trial_id) / "checkpoints",
+                          ignore_errors=True)
+
+    on_trial_error = on_trial_complete
 
 
 # -- the trainable -------------------------------------------------------------------------

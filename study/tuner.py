@@ -64,7 +64,7 @@ def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict
                               cpus_per_worker=opts.cpus_per_worker,
                               gpus_per_worker=opts.gpus_per_worker or 1, execution=opts.execution)
     max_epochs = spec.base_config().train.total_epochs
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(),
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(meta["dir"]),
                  MLflowTrialCallback(TrialWriter(tracker, str(meta["dir"]), max_epochs,
                                                  trial_config))]
     multi = not isinstance(spec.metric, str)

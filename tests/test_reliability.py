@@ -109,7 +109,7 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
         param_space={"fault": tune.grid_search(FAULTS)},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", max_concurrent_trials=2),
         run_config=tune.RunConfig(name="faults", storage_path=str(tmp_path / "ray"),
-                                  callbacks=[CheckpointGuard(), MLflowTrialCallback(
+                                  callbacks=[CheckpointGuard(study_dir), MLflowTrialCallback(
                                       TrialWriter(tracker, str(study_dir), EPOCHS))],
                                   verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1)))

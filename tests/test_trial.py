@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 from ray import tune  # noqa: E402
 
 from study.trial import (  # noqa: E402
-    DIVERGED_MARKER, DRIVER_MEMORY, STOP_REASON, _resume_dir, make_trainable,
+    DIVERGED_MARKER, DRIVER_MEMORY, STOP_REASON, CheckpointGuard, _resume_dir, make_trainable,
     max_concurrent_trials, resolve_execution, trial_resources)
 
 LOOP = f"{__name__}:fake_train"
@@ -123,7 +123,8 @@ def ray_cluster():
 
 def run_study(tmp: Path, execution: str, param_space: dict, *, num_samples: int = 1,
               tune_failures: int = 0, train_failures: int = 2, search_alg=None,
-              name: str = "exp", shared: dict | None = None) -> tuple[tune.ResultGrid, float]:
+              name: str = "exp", shared: dict | None = None, stop: dict | None = None,
+              callbacks: list | None = None) -> tuple[tune.ResultGrid, float]:
     trainable = make_trainable(study_dir=tmp / "study", execution=execution, loop=LOOP,
                                config_builder=build, max_failures=train_failures,
                                shared=shared)
@@ -137,7 +138,7 @@ def run_study(tmp: Path, execution: str, param_space: dict, *, num_samples: int 
                                         2, execution=execution)),
         run_config=tune.RunConfig(storage_path=str(tmp / "tune"), name=name,
                                   failure_config=tune.FailureConfig(max_failures=tune_failures),
-                                  verbose=0),
+                                  stop=stop, callbacks=callbacks, verbose=0),
     )
     t0 = time.perf_counter()
     grid = tuner.fit()
@@ -304,3 +305,18 @@ def test_resume_dir_leaves_one_copy_of_each_checkpoint(tmp_path):
     with _resume_dir(None, out_dir) as path:
         assert path is None
         assert [p.name for p in out_dir.iterdir()] == [DIVERGED_MARKER]
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_trial_tune_stops_keeps_no_loop_copy(tmp_path, guard):
+    """Tune ends a trial it stops (``stop``, as ASHA does) inside its report, so the trial's
+    own deletion of the reported loop copy never runs; :class:`CheckpointGuard` deletes it
+    when the trial ends. Without the guard the copy is there: the test sees the case."""
+    callbacks = [CheckpointGuard(tmp_path / "study")] if guard else None
+    grid, _ = run_study(tmp_path, "direct", {"lr": 0.05, "seed": 3}, stop={"epoch": 1},
+                        callbacks=callbacks)
+    (result,) = grid
+    assert not grid.errors and result.metrics["epoch"] == 1  # stopped after epoch 1 of 3
+    assert (Path(result.checkpoint.path) / "state.pt").exists()  # Tune's copy stays
+    left = list((tmp_path / "study" / "trials").glob("*/checkpoints/epoch_*"))
+    assert (left == []) if guard else (len(left) == 1)
