@@ -12,6 +12,14 @@ therefore a Tune *function* trainable that either
   The Train run is named ``<study>-<trial_id>`` under ``<study_dir>/train``, so a retried or
   restored trial finds its own run's checkpoints again and resumes from the newest one.
 
+A Train-mode trial that Tune ends early (ASHA, a stopper) dies with its actor, and the Train
+controller with it, but not the placement group the controller reserved for its workers: Ray
+Train's own cleaner needs the dashboard's State API, which a local study runs without. Every
+report names that group and the trial's own; :class:`ReleaseTrainGroups` removes the Train
+group once the trial's actor is gone, so that the next trials get its resources. Tune's actor
+reuse is for ``direct`` trials only: a stopped Train trial's actor is still inside
+``TorchTrainer.fit`` and cannot be reset.
+
 Both paths report exactly one result per epoch (the loop's metrics plus ``trial_startup_s``).
 A report attaches the checkpoint the loop wrote that epoch, if any; once Tune or Train has
 stored its copy, the loop's is deleted (a trained base's checkpoint is ~400 MB: one copy is
@@ -51,6 +59,7 @@ from study.studydir import trial_output_dir
 
 EXECUTIONS = ("auto", "direct", "train")
 STOP_REASON = "stop_reason"
+TRIAL_GROUP, TRAIN_GROUP = "trial_placement_group", "train_placement_group"
 DIVERGED_MARKER = "DIVERGED.json"
 log = logging.getLogger(__name__)
 # The Train driver only launches and watches the workers, which reserve their own resources
@@ -179,6 +188,68 @@ class CheckpointGuard(Callback):
     on_trial_error = on_trial_complete
 
 
+class ReleaseTrainGroups(Callback):
+    """Tune callback: removes the worker placement group of a Train-mode trial Tune ended.
+
+    Tune ends a trial by stopping its actor, which takes the Train controller and workers
+    down, but the group the controller reserved stays, holding its CPUs and GPUs until the
+    driver exits; the next Train runs wait for them forever (see the module docstring). The
+    group is removed once the trial's own placement group is gone (Tune removes it with the
+    actor): removed while the controller lives, the controller would reserve a new one.
+    A run that ended by itself has already removed its group: nothing is left to do.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[str, str]] = {}
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        if result.get(TRAIN_GROUP):
+            self.pending[trial.trial_id] = (result.get(TRIAL_GROUP) or "", result[TRAIN_GROUP])
+
+    on_trial_error = on_trial_complete
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        for trial_id, (trial_group, train_group) in list(self.pending.items()):
+            if not trial_group or _group_state(trial_group) in ("REMOVED", None):
+                _remove_group(train_group)
+                del self.pending[trial_id]
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for _, train_group in self.pending.values():
+            _remove_group(train_group)
+        self.pending.clear()
+
+
+def _current_group() -> str:
+    """The hex id of the placement group this task or actor runs in, or ``""``."""
+    import ray.util
+
+    group = ray.util.get_current_placement_group()
+    return group.id.hex() if group is not None else ""
+
+
+def _group(hex_id: str) -> Any:
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    return PlacementGroup(ray.PlacementGroupID.from_hex(hex_id))
+
+
+def _group_state(hex_id: str) -> str | None:
+    import ray.util
+
+    return ray.util.placement_group_table(_group(hex_id)).get("state")
+
+
+def _remove_group(hex_id: str) -> None:
+    import ray.util
+
+    if _group_state(hex_id) not in ("REMOVED", None):
+        log.info("removing placement group %s of a Train run Tune ended", hex_id)
+        ray.util.remove_placement_group(_group(hex_id))
+
+
 # -- the trainable -------------------------------------------------------------------------
 
 def make_trainable(*, study_dir: Path, num_workers: int = 1, use_gpu: bool = False,
@@ -274,7 +345,8 @@ def _run_train(spec: TrialSpec, run_config: Any, entered: float,
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"spec": asdict(spec), "run_config": run_config,
-                           "out_dir": str(out_dir), "entered": entered, "shared": shared},
+                           "out_dir": str(out_dir), "entered": entered, "shared": shared,
+                           "groups": {TRIAL_GROUP: _current_group()}},
         scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers,
                                                use_gpu=spec.use_gpu,
                                                resources_per_worker=resources),
@@ -302,11 +374,12 @@ def _train_worker(config: dict) -> None:
     out_dir = Path(config["out_dir"])
     if rank:  # ranks > 0 write no checkpoints; a private directory keeps them off rank 0's
         out_dir = out_dir / f"rank{rank}"
+    groups = {**config["groups"], TRAIN_GROUP: _current_group()}  # for ReleaseTrainGroups
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) \
             if rank == 0 and checkpoint_dir is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, **groups}, checkpoint=checkpoint)
 
     with _resume_dir(ray.train.get_checkpoint(), out_dir, spec.loop) as resume_from:
         if _diverged_in(resume_from) is not None:

@@ -27,7 +27,8 @@ from search_spaces.searcher import build_searcher
 from study.studydir import StudyOptions, experiment_dir, optuna_url
 from study.sync import TrialRecord, TrialWriter, trial_error
 from study.tracking import StudyTracker
-from study.trial import CheckpointGuard, make_trainable, max_concurrent_trials, trial_resources
+from study.trial import (CheckpointGuard, ReleaseTrainGroups, make_trainable,
+                         max_concurrent_trials, resolve_execution, trial_resources)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict
                               gpus_per_worker=opts.gpus_per_worker or 1, execution=opts.execution)
     max_epochs = spec.base_config().train.total_epochs
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(meta["dir"]),
+                 ReleaseTrainGroups(),
                  MLflowTrialCallback(TrialWriter(tracker, str(meta["dir"]), max_epochs,
                                                  trial_config))]
     multi = not isinstance(spec.metric, str)
@@ -80,13 +82,15 @@ def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict
         trainable,
         # reuse_actors: a new trial takes over a finished trial's process, with torch and the
         # trainables already imported; every trial seeds its own RNGs and sets its thread
-        # count, so nothing else carries over.
+        # count, so nothing else carries over. Direct trials only: the actor of a Train trial
+        # Tune stopped is still inside TorchTrainer.fit, and Tune fails the trial given it.
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(spec, optuna_url(meta["dir"]), meta["name"]),
             scheduler=scheduler, metric=None if multi else spec.metric,
             mode=None if multi else spec.mode,
             num_samples=opts.num_samples or spec.num_samples,
-            max_concurrent_trials=concurrency, reuse_actors=True),
+            max_concurrent_trials=concurrency,
+            reuse_actors=resolve_execution(opts.execution, opts.num_workers, use_gpu) == "direct"),
         run_config=tune.RunConfig(
             name=meta["name"], storage_path=str(meta["dir"] / "ray"), stop=stopper,
             callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=opts.max_failures),

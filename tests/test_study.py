@@ -173,6 +173,26 @@ def test_train_mode_runs_ddp_over_two_workers(tmp_path, scifact_dir, scifact_fea
                         child.info.run_id) == [1, 2]
 
 
+@pytest.mark.timeout(300)  # without the fix the third trial waits forever
+def test_train_mode_trials_tune_stops_free_their_workers(tmp_path, scifact_dir, scifact_features):
+    """Tune ends Train-mode trials early (here the collapse guard stops every trial after its
+    first epoch, as ASHA would stop some): each stopped trial's worker placement group is
+    removed, so a third trial gets a CPU on this 2-CPU machine, and no trial is given a
+    stopped trial's actor (Tune fails a trial it cannot reset one for)."""
+    space = tiny_space(tmp_path, "stops", num_samples=3, epochs=3,
+                       collapse_guard={"min_effective_rank": 1e9})
+    summary = launch(_opts(space, tmp_path / "studies", scifact_dir, execution="train"))
+    assert summary["trials"] == 3 and summary["errored"] == 0
+    uri = load_meta(summary["study_dir"])["mlflow_uri"]
+    children = child_runs(uri, "stops")
+    assert len(children) == 3
+    for child in children:
+        assert metric_steps(uri, child.info.run_id) == [1]  # stopped after epoch 1 of 3
+        assert child.data.tags[S.TAG_STOP_REASON].startswith("collapse")
+    study_dir = Path(summary["study_dir"])
+    assert not list(study_dir.glob("trials/*/checkpoints/epoch_*"))  # and no loop copies
+
+
 def _launch_cli(space: Path, storage: Path, scifact_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
