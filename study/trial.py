@@ -182,8 +182,7 @@ class CheckpointGuard(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.study_dir is not None:
-            shutil.rmtree(trial_output_dir(Path(self.study_dir), trial.trial_id) / "checkpoints",
-                          ignore_errors=True)
+            _drop_loop_copies(trial_output_dir(Path(self.study_dir), trial.trial_id))
 
     on_trial_error = on_trial_complete
 
@@ -482,13 +481,18 @@ def _resume_dir(checkpoint: Any, out_dir: Path,
         return
     # the loop's own copies: a reported one is Tune's or Train's to keep (its copy here is
     # left only by a stop between the report and the deletion), an unreported one is not used
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    _drop_loop_copies(out_dir)
     local = _local_path(checkpoint)
     if local is not None:
         yield _newest_valid(local, loop)
         return
     with checkpoint.as_directory() as path:
         yield Path(path)
+
+
+def _drop_loop_copies(out_dir: Path) -> None:
+    """Deletes the loop's own checkpoint directories (``<out_dir>/checkpoints``)."""
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
 
 
 def _local_path(checkpoint: Any) -> Path | None:
