@@ -1,43 +1,17 @@
 """One study trial as a Ray Tune function trainable, run in-process or as a Ray Train run.
 
-Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is not a Tune trainable. A trial is
-therefore a Tune *function* trainable that either
+Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is not a Tune trainable, so a trial is a
+Tune *function* trainable that either runs the training loop in its own actor (``direct``: one
+CPU worker, no Train controller to start) or drives a ``TorchTrainer`` run whose workers report
+through ``TuneReportCallback`` (``train``: several workers, or GPUs). The Train run is named
+after the trial, so that a retried or restored trial finds its checkpoints again.
 
-* ``direct``: runs the training loop in the trial's own actor, reporting every epoch with
-  ``ray.tune.report`` and resuming from ``ray.tune.get_checkpoint()`` on Tune's retries. This
-  is the single-worker CPU path: it skips the Train controller and worker group and their
-  start-up; or
-* ``train``: acts as the driver of a ``TorchTrainer`` run ("Train inside Tune"). The workers
-  report with ``ray.train.report``; ``TuneReportCallback`` forwards rank 0's metrics to Tune.
-  The Train run is named ``<study>-<trial_id>`` under ``<study_dir>/train``, so a retried or
-  restored trial finds its own run's checkpoints again and resumes from the newest one.
-
-A Train-mode trial that Tune ends early (ASHA, a stopper) dies with its actor, and the Train
-controller with it, but not the placement group the controller reserved for its workers: Ray
-Train's own cleaner needs the dashboard's State API, which a local study runs without. Every
-report names that group and the trial's own; :class:`ReleaseTrainGroups` removes the Train
-group once the trial's actor is gone, so that the next trials get its resources. Tune's actor
-reuse is for ``direct`` trials only: a stopped Train trial's actor is still inside
-``TorchTrainer.fit`` and cannot be reset.
-
-Both paths report exactly one result per epoch (the loop's metrics plus ``trial_startup_s``).
-A report attaches the checkpoint the loop wrote that epoch, if any; once Tune or Train has
-stored its copy, the loop's is deleted (a trained base's checkpoint is ~400 MB: one copy is
-enough). The loop writes one on the first and last epoch and otherwise at most every
-``checkpoint_interval_s`` seconds: a retry redoes at most that much training, and the epochs
-it reports again are not logged twice (the MLflow view keeps each (metric, step) once). The
-trial is deterministic given its config: the seed comes from the run config, torch's thread
-count from ``cpus_per_worker`` and a resumed trial continues from the checkpoint it last
-reported (never from a newer, unreported one).
-
-Divergence (the loop raising ``TrainingDiverged``): the trial reports one last result with
-``stop_reason``, ``diverged=True`` and NaN for the objective, with a checkpoint holding only
-``DIVERGED.json`` (Tune and Train both take a run's result from its latest checkpoint), writes
-``DIVERGED.json`` beside its outputs and raises ``TrainingDiverged`` again. Tune marks the
-trial ERROR and calls the searcher with ``error=True``, which OptunaSearch records as FAIL.
-Returning normally instead would leave the Optuna trial RUNNING forever (``study.tell``
-rejects a NaN value), and a finite stand-in value would be a silent lie. Tune's own retries of
-a diverged trial stop at the marker at once.
+Either way a trial reports one result per epoch and resumes from the checkpoint it last
+*reported*; the loop's own copy of a checkpoint is deleted once Tune or Train stored theirs.
+A diverged trial reports NaN with its ``stop_reason``, leaves a ``DIVERGED.json`` marker and
+errors (Optuna records FAIL; a retry stops at the marker). The two Tune callbacks here free
+what a trial Tune ended early still held. ``docs/reliability.md`` gives each guarantee and
+its test.
 """
 
 from __future__ import annotations
@@ -51,7 +25,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 from ray.tune import Callback
 
@@ -74,84 +48,85 @@ Report = Callable[[dict[str, Any], "Path | None"], None]
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """Everything a trial needs besides its Tune config; plain data, so it pickles anywhere."""
+    """How every trial of a study runs, besides its Tune config; plain data that pickles.
+
+    Attributes:
+        study_dir: Trials write under ``trials/<trial_id>``, Train runs under ``train/``;
+            resolved here, because Tune changes a trial's working directory.
+        execution: ``direct``, ``train`` or ``auto`` (``direct`` for one CPU worker, else
+            ``train``); holds the resolved one.
+        num_workers, cpus_per_worker, gpus_per_worker: The training's scale (GPUs if > 0).
+        max_failures: Worker-group restarts per Train run (``train`` only; Tune's retries
+            are ``tune.FailureConfig``'s).
+        loop: ``"module:function"`` of the training loop (``trainables.loop.train``'s
+            signature), imported inside the worker.
+        objective_keys: Metrics set to NaN in a diverged trial's last report (so is every
+            float of the epoch before), so that Tune's strict metric check accepts it.
+        keep_checkpoints: Checkpoints a Train run keeps in storage (None: all).
+        checkpoint_interval_s: Least seconds between two reported checkpoints besides the
+            first and last epoch's (0: every epoch).
+    """
 
     study_dir: str
+    execution: str = "auto"
     num_workers: int = 1
-    use_gpu: bool = False
-    gpus_per_worker: float = 1
     cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
     max_failures: int = 2
     loop: str = "trainables.loop:train"
     objective_keys: tuple[str, ...] = ("dev_ndcg_at_10",)
     keep_checkpoints: int | None = 2
     checkpoint_interval_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.execution == "direct" and self.num_workers != 1:
+            raise ValueError("execution='direct' runs the loop in the trial itself: "
+                             f"num_workers must be 1, got {self.num_workers}")
+        execution = self.execution if self.execution != "auto" else \
+            "direct" if self.num_workers == 1 and not self.use_gpu else "train"
+        object.__setattr__(self, "execution", execution)
+        object.__setattr__(self, "study_dir", str(Path(self.study_dir).expanduser().resolve()))
+        object.__setattr__(self, "objective_keys", tuple(self.objective_keys))
+
     @property
-    def study(self) -> str:
-        return Path(self.study_dir).name
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
 
     def output_dir(self, trial_id: str) -> Path:
         return trial_output_dir(Path(self.study_dir), trial_id)
 
     def train_run_name(self, trial_id: str) -> str:
-        return f"{self.study}-{trial_id}"
+        return f"{Path(self.study_dir).name}-{trial_id}"
 
+    def resources(self) -> dict[str, float]:
+        """What the Tune trial itself reserves (``tune.with_resources``): in ``direct`` mode
+        the worker's CPUs and GPU; in ``train`` mode :data:`DRIVER_MEMORY` of logical memory
+        only, the workers reserving theirs in their own placement group when the run starts."""
+        if self.execution == "direct":
+            return {"cpu": float(self.cpus_per_worker), "gpu": float(self.gpus_per_worker)}
+        return {"cpu": 0.0, "gpu": 0.0, "memory": float(DRIVER_MEMORY)}
 
-# -- resources -----------------------------------------------------------------------------
-
-def resolve_execution(execution: str, num_workers: int, use_gpu: bool) -> str:
-    """``auto`` -> ``direct`` for one CPU worker, else ``train``; checks explicit choices."""
-    if execution not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if execution == "auto":
-        return "direct" if num_workers == 1 and not use_gpu else "train"
-    if execution == "direct" and num_workers != 1:
-        raise ValueError("execution='direct' runs the loop in the trial itself: "
-                         f"num_workers must be 1, got {num_workers}")
-    return execution
-
-
-def trial_resources(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1,
-                    gpus_per_worker: float = 1, execution: str = "auto") -> dict[str, float]:
-    """What the Tune trial itself must reserve, for ``tune.with_resources``.
-
-    ``direct``: the trial is the worker, so it reserves the worker's CPUs (and GPU). ``train``:
-    the trial is only the Train driver and reserves no CPU, only :data:`DRIVER_MEMORY` bytes
-    of logical memory (Tune needs some resource in the request); the Train workers
-    reserve theirs in their own placement group when the run starts. Combine with
-    :func:`max_concurrent_trials` so that drivers do not pile up waiting for workers.
-    """
-    mode = resolve_execution(execution, num_workers, use_gpu)
-    if mode == "direct":
-        return {"cpu": float(cpus_per_worker), "gpu": float(gpus_per_worker) if use_gpu else 0.0}
-    return {"cpu": 0.0, "gpu": 0.0, "memory": float(DRIVER_MEMORY)}
-
-
-def max_concurrent_trials(total_cpus: float, total_gpus: float = 0, *, num_workers: int = 1,
-                          use_gpu: bool = False, cpus_per_worker: float = 1,
-                          gpus_per_worker: float = 1, execution: str = "auto") -> int:
-    """How many trials fit at once (for ``TuneConfig(max_concurrent_trials=...)``).
-
-    Counts the trial's own reservation plus, in ``train`` mode, its workers'. Raises when not
-    even one trial fits: a Train run would otherwise wait for its workers forever.
-    """
-    mode = resolve_execution(execution, num_workers, use_gpu)
-    own = trial_resources(num_workers, use_gpu, cpus_per_worker, gpus_per_worker, execution)
-    cpus, gpus = own["cpu"], own["gpu"]
-    if mode == "train":
-        cpus += num_workers * cpus_per_worker
-        gpus += num_workers * gpus_per_worker if use_gpu else 0.0
-    fits = [math.floor(total_cpus / cpus + 1e-9)] if cpus else []
-    if gpus:
-        fits.append(math.floor(total_gpus / gpus + 1e-9))
-    n = min(fits) if fits else 1
-    if n < 1:
-        raise ValueError(f"one trial needs {cpus:g} CPU and {gpus:g} GPU but the cluster has "
-                         f"{total_cpus:g} CPU and {total_gpus:g} GPU: no trial could start")
-    return n
+    def max_concurrent(self, total_cpus: float, total_gpus: float = 0) -> int:
+        """How many trials fit at once, workers included (``max_concurrent_trials``), so that
+        Train drivers do not pile up waiting for workers. Raises when not even one fits: its
+        Train run would wait for its workers forever."""
+        own = self.resources()
+        cpus, gpus = own["cpu"], own["gpu"]
+        if self.execution == "train":
+            cpus += self.num_workers * self.cpus_per_worker
+            gpus += self.num_workers * self.gpus_per_worker
+        fits = [math.floor(total_cpus / cpus + 1e-9)] if cpus else []
+        if gpus:
+            fits.append(math.floor(total_gpus / gpus + 1e-9))
+        n = min(fits) if fits else 1
+        if n < 1:
+            raise ValueError(f"one trial needs {cpus:g} CPU and {gpus:g} GPU but the cluster has "
+                             f"{total_cpus:g} CPU and {total_gpus:g} GPU: no trial could start")
+        return n
 
 
 class CheckpointGuard(Callback):
@@ -251,53 +226,26 @@ def _remove_group(hex_id: str) -> None:
 
 # -- the trainable -------------------------------------------------------------------------
 
-def make_trainable(*, study_dir: Path, num_workers: int = 1, use_gpu: bool = False,
-                   gpus_per_worker: float = 1, cpus_per_worker: float = 1,
-                   max_failures: int = 2, execution: str = "auto",
-                   loop: str = "trainables.loop:train",
-                   config_builder: Callable[[dict], Any] | None = None,
-                   objective_keys: Sequence[str] = ("dev_ndcg_at_10",),
-                   keep_checkpoints: int | None = 2,
-                   checkpoint_interval_s: float = 0.0,
+def make_trainable(spec: TrialSpec, config_builder: Callable[[dict], Any] | None = None,
                    shared: dict[str, Any] | None = None) -> Callable[[dict], None]:
-    """Returns the Tune function trainable ``(config) -> None`` of a study.
+    """The Tune function trainable ``(config) -> None`` of a study's trials.
 
     Args:
-        study_dir: the study's directory; trials write under ``trials/<trial_id>`` and Train
-            runs under ``train/``. Resolved here, because Tune changes the trial's cwd.
-        num_workers, use_gpu, gpus_per_worker, cpus_per_worker: the training's scale.
-        max_failures: worker-group restarts per Train run (``train`` mode only; in ``direct``
-            mode set ``tune.RunConfig(failure_config=tune.FailureConfig(...))``).
-        execution: ``direct``, ``train`` or ``auto`` (see the module docstring).
-        loop: ``"module:function"`` of the training loop (``trainables.loop.train``'s
-            signature), imported inside the worker.
-        config_builder: maps the Tune config to the trial's run config (a ``RunConfig`` or
-            its dict), called once per trial; None: the Tune config is the run-config dict.
-        objective_keys: metrics set to NaN in a diverged trial's last report (every numeric
-            metric of the previous epoch is too), so Tune's strict metric check accepts it.
-        keep_checkpoints: checkpoints a Train run keeps in storage (None: all).
-        checkpoint_interval_s: least seconds between two epochs whose checkpoint is reported
-            (the first and last epoch always are); 0: every epoch.
-        shared: extra keyword arguments of the loop shared by all trials (``data``,
-            ``features``); ``ray.put`` them once and pass the ObjectRefs, which each trial
-            (or Train worker) resolves with ``ray.get`` instead of loading its own copy.
+        spec: How each trial runs.
+        config_builder: The Tune config -> the trial's run config (a ``RunConfig`` or its
+            dict), called once per trial; None: the Tune config is the run-config dict.
+        shared: Extra keyword arguments of the loop shared by all trials (``data``,
+            ``features``): ``ray.put`` them once and pass the ObjectRefs, which each trial
+            (or Train worker) resolves instead of loading its own copy.
     """
-    mode = resolve_execution(execution, num_workers, use_gpu)
-    spec = TrialSpec(study_dir=str(Path(study_dir).expanduser().resolve()),
-                     num_workers=num_workers, use_gpu=use_gpu, gpus_per_worker=gpus_per_worker,
-                     cpus_per_worker=cpus_per_worker, max_failures=max_failures, loop=loop,
-                     objective_keys=tuple(objective_keys), keep_checkpoints=keep_checkpoints,
-                     checkpoint_interval_s=checkpoint_interval_s)
 
     def trainable(config: dict) -> None:
         entered = time.time()
         run_config = config_builder(dict(config)) if config_builder else dict(config)
-        if mode == "direct":
-            _run_direct(spec, run_config, entered, shared or {})
-        else:
-            _run_train(spec, run_config, entered, shared or {})
+        run = _run_direct if spec.execution == "direct" else _run_train
+        run(spec, run_config, entered, shared or {})
 
-    trainable.__name__ = trainable.__qualname__ = f"jepa_trial_{mode}"
+    trainable.__name__ = trainable.__qualname__ = f"jepa_trial_{spec.execution}"
     return trainable
 
 

@@ -27,8 +27,7 @@ from search_spaces.searcher import build_searcher
 from study.studydir import StudyOptions, experiment_dir, optuna_url
 from study.sync import TrialRecord, TrialWriter, trial_error
 from study.tracking import StudyTracker
-from study.trial import (CheckpointGuard, ReleaseTrainGroups, make_trainable,
-                         max_concurrent_trials, resolve_execution, trial_resources)
+from study.trial import CheckpointGuard, ReleaseTrainGroups, TrialSpec, make_trainable
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +39,13 @@ KEEP_TUNE_CHECKPOINTS = 2
 def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict[str, Any],
                tracker: StudyTracker, resume: bool) -> tune.Tuner:
     """The study's Tuner: Tune's saved experiment when resuming one, else a new one."""
-    use_gpu = opts.gpus_per_worker > 0
+    trial = TrialSpec(
+        meta["dir"], opts.execution, opts.num_workers, opts.cpus_per_worker,
+        opts.gpus_per_worker, opts.max_failures, checkpoint_interval_s=opts.checkpoint_interval_s,
+        objective_keys=[spec.metric] if isinstance(spec.metric, str) else spec.metric)
     trial_config = partial(spec.trial_config, data_path=meta["data_dir"])
-    trainable = make_trainable(
-        study_dir=meta["dir"], num_workers=opts.num_workers, use_gpu=use_gpu,
-        gpus_per_worker=opts.gpus_per_worker or 1, cpus_per_worker=opts.cpus_per_worker,
-        max_failures=opts.max_failures, execution=opts.execution,
-        checkpoint_interval_s=opts.checkpoint_interval_s, config_builder=trial_config,
-        objective_keys=[spec.metric] if isinstance(spec.metric, str) else spec.metric,
-        shared=shared)
-    trainable = tune.with_resources(trainable, trial_resources(
-        opts.num_workers, use_gpu, opts.cpus_per_worker, opts.gpus_per_worker or 1,
-        opts.execution))
+    trainable = tune.with_resources(make_trainable(trial, trial_config, shared),
+                                    trial.resources())
     path = str(experiment_dir(meta))
     if resume and tune.Tuner.can_restore(path):
         # the callbacks come back from Tune's saved state: the MLflow writer pickles its
@@ -60,10 +54,7 @@ def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict
                                   resume_errored=True)
     total = ray.cluster_resources()
     concurrency = opts.max_concurrent_trials or spec.max_concurrent_trials or \
-        max_concurrent_trials(total.get("CPU", 1), total.get("GPU", 0),
-                              num_workers=opts.num_workers, use_gpu=use_gpu,
-                              cpus_per_worker=opts.cpus_per_worker,
-                              gpus_per_worker=opts.gpus_per_worker or 1, execution=opts.execution)
+        trial.max_concurrent(total.get("CPU", 1), total.get("GPU", 0))
     max_epochs = spec.base_config().train.total_epochs
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(meta["dir"]),
                  ReleaseTrainGroups(),
@@ -90,7 +81,7 @@ def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict
             mode=None if multi else spec.mode,
             num_samples=opts.num_samples or spec.num_samples,
             max_concurrent_trials=concurrency,
-            reuse_actors=resolve_execution(opts.execution, opts.num_workers, use_gpu) == "direct"),
+            reuse_actors=trial.execution == "direct"),
         run_config=tune.RunConfig(
             name=meta["name"], storage_path=str(meta["dir"] / "ray"), stop=stopper,
             callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=opts.max_failures),

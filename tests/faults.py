@@ -1,7 +1,7 @@
 """Fault injection for the reliability tests: ``trainables.loop.train`` with a planned failure.
 
-Pass ``loop="faults:train_failing_once"`` to ``study.trial.make_trainable`` and put the fault
-in the run config's ``provenance["fault"]`` (informational, never read by training):
+Pass ``TrialSpec(loop="faults:train_failing_once")`` to ``study.trial.make_trainable`` and put
+the fault in the run config's ``provenance["fault"]`` (informational, never read by training):
 
 ``none``
     the real loop, untouched (the reference run).

@@ -82,7 +82,7 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
     from search_spaces.space import load_preset
     from study.sync import TrialWriter
     from study.tracking import StudyTracker
-    from study.trial import CheckpointGuard, make_trainable, trial_resources
+    from study.trial import CheckpointGuard, TrialSpec, make_trainable
     from study.tuner import MLflowTrialCallback
 
     path = os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -100,12 +100,11 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = StudyTracker(uri, "faults")
     write_parent(tracker, {"kind": "fault injection"})
-    trainable = make_trainable(study_dir=study_dir, loop="faults:train_failing_once",
-                               config_builder=build, objective_keys=[METRIC],
-                               shared={"data": ray.put(scifact),
-                                       "features": ray.put(scifact_features)})
+    spec = TrialSpec(study_dir, loop="faults:train_failing_once", objective_keys=[METRIC])
+    trainable = make_trainable(spec, build, {"data": ray.put(scifact),
+                                             "features": ray.put(scifact_features)})
     tuner = tune.Tuner(
-        tune.with_resources(trainable, trial_resources()),
+        tune.with_resources(trainable, spec.resources()),
         param_space={"fault": tune.grid_search(FAULTS)},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", max_concurrent_trials=2),
         run_config=tune.RunConfig(name="faults", storage_path=str(tmp_path / "ray"),

@@ -21,8 +21,8 @@ torch = pytest.importorskip("torch")
 from ray import tune  # noqa: E402
 
 from study.trial import (  # noqa: E402
-    DIVERGED_MARKER, DRIVER_MEMORY, STOP_REASON, CheckpointGuard, _resume_dir, make_trainable,
-    max_concurrent_trials, resolve_execution, trial_resources)
+    DIVERGED_MARKER, DRIVER_MEMORY, STOP_REASON, CheckpointGuard, TrialSpec, _resume_dir,
+    make_trainable)
 
 LOOP = f"{__name__}:fake_train"
 EPOCHS = 3
@@ -125,17 +125,13 @@ def run_study(tmp: Path, execution: str, param_space: dict, *, num_samples: int 
               tune_failures: int = 0, train_failures: int = 2, search_alg=None,
               name: str = "exp", shared: dict | None = None, stop: dict | None = None,
               callbacks: list | None = None) -> tuple[tune.ResultGrid, float]:
-    trainable = make_trainable(study_dir=tmp / "study", execution=execution, loop=LOOP,
-                               config_builder=build, max_failures=train_failures,
-                               shared=shared)
-    resources = trial_resources(execution=execution)
+    spec = TrialSpec(tmp / "study", execution, max_failures=train_failures, loop=LOOP)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
+        tune.with_resources(make_trainable(spec, build, shared), spec.resources()),
         param_space=param_space,
         tune_config=tune.TuneConfig(num_samples=num_samples, metric=METRIC, mode="max",
                                     search_alg=search_alg,
-                                    max_concurrent_trials=max_concurrent_trials(
-                                        2, execution=execution)),
+                                    max_concurrent_trials=spec.max_concurrent(2)),
         run_config=tune.RunConfig(storage_path=str(tmp / "tune"), name=name,
                                   failure_config=tune.FailureConfig(max_failures=tune_failures),
                                   stop=stop, callbacks=callbacks, verbose=0),
@@ -163,24 +159,28 @@ def baseline(request, tmp_path_factory, ray_cluster):
 
 # -- tests ---------------------------------------------------------------------------------
 
-def test_resolve_and_resources():
-    assert resolve_execution("auto", 1, False) == "direct"
-    assert resolve_execution("auto", 1, True) == "train"
-    assert resolve_execution("auto", 2, False) == "train"
+def test_resolve_and_resources(tmp_path):
+    def spec(execution="auto", **kw):
+        return TrialSpec(tmp_path / "s", execution, **kw)
+
+    assert spec().execution == "direct"
+    assert spec(gpus_per_worker=1).execution == "train"
+    assert spec(num_workers=2).execution == "train"
+    assert spec().study_dir == str(tmp_path / "s")
     with pytest.raises(ValueError):
-        resolve_execution("direct", 2, False)
+        spec("direct", num_workers=2)
     with pytest.raises(ValueError):
-        resolve_execution("spark", 1, False)
-    assert trial_resources(cpus_per_worker=2) == {"cpu": 2.0, "gpu": 0.0}
-    assert trial_resources(num_workers=2) == {"cpu": 0.0, "gpu": 0.0, "memory": DRIVER_MEMORY}
-    assert trial_resources(use_gpu=True, execution="direct", gpus_per_worker=0.5)["gpu"] == 0.5
+        spec("spark")
+    assert spec(cpus_per_worker=2).resources() == {"cpu": 2.0, "gpu": 0.0}
+    assert spec(num_workers=2).resources() == {"cpu": 0.0, "gpu": 0.0, "memory": DRIVER_MEMORY}
+    assert spec("direct", gpus_per_worker=0.5).resources()["gpu"] == 0.5
     # 2 CPUs: two direct trials, or two 1-worker Train runs (their drivers take no CPU)
-    assert max_concurrent_trials(2, execution="direct") == 2
-    assert max_concurrent_trials(2, execution="train") == 2
-    assert max_concurrent_trials(3, execution="train", cpus_per_worker=2) == 1
-    assert max_concurrent_trials(64, 8, num_workers=4, use_gpu=True) == 2  # GPUs limit
+    assert spec("direct").max_concurrent(2) == 2
+    assert spec("train").max_concurrent(2) == 2
+    assert spec("train", cpus_per_worker=2).max_concurrent(3) == 1
+    assert spec(num_workers=4, gpus_per_worker=1).max_concurrent(64, 8) == 2  # GPUs limit
     with pytest.raises(ValueError):
-        max_concurrent_trials(2, num_workers=2, cpus_per_worker=2)
+        spec(num_workers=2, cpus_per_worker=2).max_concurrent(2)
 
 
 def test_epochs_reach_tune_with_checkpoints(baseline):
