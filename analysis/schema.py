@@ -72,7 +72,7 @@ PARAM_SYSTEM = "system"  #: jepa, contrastive, capacity, no_pred
 PARAM_SCORE_WITH = "score_with"  #: the scoring dev chose for the system
 
 # --- the parent run's params (the study, as ``study.sync`` writes them) ----------------------
-PARAM_SPACE = "space"  #: the space file's name
+PARAM_SPACE = "space"  #: the space's name
 PARAM_NUM_SAMPLES = "num_samples"  #: trials asked for
 PARAM_DATA = "data"  #: the BEIR directory (export fills a config's missing data.path with it)
 PARAM_SEED = "seed"  #: the searcher's seed

@@ -326,6 +326,16 @@ class SpaceSpec(_Strict):
                 point[path] = 0
         return point
 
+    def to_yaml(self, first: list[dict[str, Any]] = ()) -> str:
+        """The space as a study keeps it (``space.yaml``): every field spelled out, with the
+        run configs ``first`` (``--warm-start``: earlier best configs) as the first
+        ``points_to_evaluate``, so that the searcher evaluates them before anything else."""
+        raw = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        raw["points_to_evaluate"] = [self.config_point(c) for c in first] + \
+            raw["points_to_evaluate"]
+        return f"# the space {self._source}, as the study searches it\n" + \
+            yaml.safe_dump(raw, sort_keys=False)
+
     def _point(self, item: str | dict[str, Any], where: str,
                strict: bool = True) -> dict[str, Any]:
         if isinstance(item, str):

@@ -49,6 +49,7 @@ def prepare_study(opts: StudyOptions) -> Path:
     server fails in seconds with a message that names the culprit.
     """
     from search_spaces.space import load_space
+    from study.reporting import warm_start_configs
     from trainables.data import load_beir, make_splits, resolve_data_dir
 
     spec = load_space(opts.space)
@@ -80,10 +81,9 @@ def prepare_study(opts: StudyOptions) -> Path:
             shutil.rmtree(study_dir, ignore_errors=True)
         raise
     space_file = study_dir / "space.yaml"
-    source = Path(spec._source)
-    space_file.write_text(source.read_text() if source.exists() else _space_yaml(spec))
-    if opts.warm_start:
-        _add_warm_start(space_file, spec, opts.warm_start, study_dir)
+    first = warm_start_configs(opts.warm_start, study_dir / "warm_start")
+    space_file.write_text(spec.to_yaml(first))
+    load_space(space_file)  # the study's copy is valid, warm-start points included
     meta = {"name": name, "options": asdict(opts), "space_file": str(space_file),
             "data_dir": str(data_dir), "mlflow_uri": uri, "created": time.time(),
             "git_commit": git_commit()}
@@ -181,25 +181,6 @@ def _shared_inputs(meta: dict[str, Any], spec: Any) -> dict[str, Any]:
     return {"data": ray.put(data), "features": ray.put(features) if features else None}
 
 
-def _add_warm_start(space_file: Path, spec: Any, sources: list[str], study_dir: Path) -> None:
-    """Puts earlier best configs first in the study's copy of the space (points_to_evaluate),
-    so the searcher evaluates them before anything else; the copy is validated again."""
-    import yaml
-
-    from search_spaces.space import load_space
-    from study.reporting import warm_start_configs
-
-    configs = warm_start_configs(sources, study_dir / "warm_start")
-    raw = yaml.safe_load(space_file.read_text())
-    raw["points_to_evaluate"] = [spec.config_point(c) for c in configs] + list(
-        raw.get("points_to_evaluate") or [])
-    if raw.get("base_preset") is None:
-        raw.pop("base_preset", None)
-    space_file.write_text(f"# {spec._source} with warm-start points from {sources}\n"
-                          + yaml.safe_dump(raw, sort_keys=False))
-    load_space(space_file)
-
-
 def _open_tracking(meta: dict[str, Any], spec: Any):
     import ray.tune  # noqa: F401 - imported here, while Ray starts
 
@@ -243,13 +224,6 @@ def _while_ray_starts(opts: StudyOptions, work: Callable[[], Any]) -> Any:
         ray.shutdown()
         raise box["error"]
     return box["value"]
-
-
-def _space_yaml(spec: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-                          sort_keys=False)
 
 
 def _init_ray(opts: StudyOptions) -> None:

@@ -106,9 +106,8 @@ def git_commit() -> str:
 def describe(meta: dict[str, Any], spec: Any) -> str:
     """The study's description in the MLflow UI: what was searched and where the report is (one
     paragraph: the UI folds the others away)."""
-    space = spec.name or Path(meta["options"]["space"]).stem
     about = " ".join(spec.description.split()).rstrip(".")
-    return (f"Study {meta['name']} searches the space {space}" + (f": {about}." if about else ".")
+    return (f"Study {meta['name']} searches the space {spec.name}" + (f": {about}." if about else ".")
             + f" Report: {meta['dir'] / 'report.html'} "
             f"(written by `jepa-study report {meta['dir']}`).")
 

@@ -169,7 +169,7 @@ def fill_study(tracker: StudyTracker, parent: TrackedRun, meta: dict[str, Any],
                spec: Any) -> None:
     """The parent run's params, tags and the space as ``space.yaml``."""
     opts = meta["options"]
-    params = {S.PARAM_SPACE: Path(meta["space_file"]).stem,
+    params = {S.PARAM_SPACE: spec.name,
               S.PARAM_NUM_SAMPLES: opts.get("num_samples") or spec.num_samples,
               S.PARAM_DATA: meta["data_dir"],
               S.PARAM_SEED: getattr(spec.searcher_spec, "seed", None),

@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from analysis import schema as S
+from trainables.config import flatten
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +73,6 @@ def seed_sqlite_store(uri: str) -> None:
 
 
 # --- what may be logged -----------------------------------------------------------------------
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten nested mappings to ``a.b.c`` keys with string values (MLflow params are text)."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{S.PARAM_SEP}{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, name))
-        else:
-            flat[name] = str(value)
-    return flat
-
-
 def _secret_env_values() -> list[str]:
     """Values of environment variables whose names look secret (long enough to be specific)."""
     return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8]
@@ -248,8 +237,8 @@ class StudyTracker:
             for name, text in texts.items():
                 if text is not None:
                     self.client.log_text(run.run_id, scrub(text), name)
-        items = [(S.mlflow_key(k), v[:S.MAX_PARAM_VALUE_LENGTH])
-                 for k, v in flatten_params(redact(params)).items()]
+        items = [(S.mlflow_key(k), str(v)[:S.MAX_PARAM_VALUE_LENGTH])
+                 for k, v in flatten(redact(params)).items()]
         items = [(k, v) for k, v in items if k not in run.params]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])

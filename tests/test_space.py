@@ -386,6 +386,19 @@ def test_preset_points_round_trip():
                 RunConfig.from_yaml(preset_path(name)).loss, lam) != 0)
 
 
+@pytest.mark.parametrize("name", ["quick", "jepa_core", "seed_phases"])
+def test_study_copy_is_the_same_space_with_warm_start_points_first(tmp_path, name):
+    spec = load_space(name)
+    copy_file = tmp_path / "space.yaml"
+    copy_file.write_text(spec.to_yaml())
+    again = load_space(copy_file)
+    assert again.model_dump() == spec.model_dump()  # the name included
+    best = spec.trial_config(spec.points()[0] if spec.points_to_evaluate else {}).to_dict()
+    copy_file.write_text(spec.to_yaml([best]))
+    warm = load_space(copy_file)
+    assert warm.points_to_evaluate == [spec.config_point(best), *spec.points_to_evaluate]
+
+
 def test_mapping_point_fills_from_base_and_clips(tmp_path):
     raw = _edit(lambda r: r.update(base={"model": {"predictor": {"depth": 6}}},
                                    points_to_evaluate=[{"loss.lambda_pred": 0}, {}]))

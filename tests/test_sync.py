@@ -173,7 +173,7 @@ def _check(uri: str, study_dir: Path, *, killed: tuple[str, str] = (S.STATUS_KIL
         assert run.data.params["data.path"].endswith("data")
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == [S.ARTIFACT_CONFIG]
     parent = parents[0]
-    assert parent.data.params["space"] == "space" and parent.data.tags[S.TAG_STUDY_DIR] == \
+    assert parent.data.params["space"] == NAME and parent.data.tags[S.TAG_STUDY_DIR] == \
         str(study_dir)
     assert parent.data.tags[S.TAG_BEST_TRIAL] == ids[KILLED]  # the highest dev figure
     assert parent.data.tags[S.count_tag("runs", S.STATUS_FINISHED)] == "2"
