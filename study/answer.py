@@ -1,28 +1,15 @@
 """``jepa-study answer``: does the JEPA predictor help retrieval? Controlled, powered, per query.
 
-Per dataset (any BEIR directory):
-
-1. **Arms at equal effort.** Two studies over the same space (``search_spaces.arms``): the
-   JEPA arm (L_pred on, its weight and the predictor searched) and the contrastive arm
-   (λ_pred fixed at 0, an optional query head of the predictor's shape searched instead),
-   with the same number of trials, the same searcher and the same budget rules (epochs,
-   patience, ASHA). Each picks its best config on dev (``analysis.export``: its best dev
-   epoch and the scoring dev chose).
-2. **Controls around the best JEPA config J**, each retrained over the same fresh seeds
-   (none equal to the search seed) under the space's budget rules (best dev epoch, patience):
-   J itself; J with λ_pred = 0; J with λ_pred = 0 and a query-side head of the predictor's
-   exact shape (the capacity-matched control); the contrastive arm's best config. J's runs
-   are also scored both ways (predictor vs query). Every run also scores the other datasets'
-   test splits zero-shot (transfer). Zero-shot base and BM25 are reference rows.
-3. **Statistics** (``analysis.answer``, ``analysis.stats``): per comparison the mean
-   difference, a two-level bootstrap interval, paired t and permutation tests over queries,
-   Holm across the comparisons.
+Per dataset: (1) two studies over one space at equal effort, the JEPA arm and the contrastive
+arm (``search_spaces.arms``), each picking its best config on dev; (2) the controls around the
+JEPA arm's best (itself, λ_pred = 0, λ_pred = 0 with a capacity-matched query head, the
+contrastive arm's best) retrained over fresh seeds, each scoring the other datasets' test
+splits too (transfer), with zero-shot and BM25 as reference rows; (3) the statistics over
+queries (``analysis.answer``). ``docs/answer.md`` gives the design and the measured answer.
 
 Everything is resumable: a finished study or run is reused, an interrupted study resumed. The
-answer directory holds the arms' studies (each a normal study directory), every retrained run
-(``metrics.json`` with per-query figures), ``answer.json``, ``answer.html`` and ``answer.md``;
-one MLflow store holds the studies' experiments and the answer's own (parent run with the
-report, a child run per retrained run with its per-query figures as an artifact).
+answer directory holds the arms' studies, every retrained run, ``answer.json``, ``.html`` and
+``.md``; one MLflow store holds the studies' experiments and the answer's own.
 """
 
 from __future__ import annotations
@@ -32,7 +19,7 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -317,16 +304,12 @@ def _write(root: Path, measured, uri: str, opts: AnswerOptions, jobs, results,
 def command_line(opts: AnswerOptions) -> str:
     """The ``jepa-study answer`` command that makes these options."""
     parts = ["jepa-study answer"] + [f"--data {d}" for d in opts.data]
-    if opts.space != "jepa_core":
-        parts.append(f"--space {opts.space}")
-    if opts.num_samples is not None:
-        parts.append(f"--num-samples {opts.num_samples}")
-    if list(opts.seeds) != list(DEFAULT_SEEDS):
-        parts.append("--seeds " + " ".join(str(s) for s in opts.seeds))
-    if opts.name != "answer":
-        parts.append(f"--name {opts.name}")
-    if opts.storage != "answers":
-        parts.append(f"--storage {opts.storage}")
+    for f in fields(opts):
+        value = getattr(opts, f.name)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if f.name not in ("data", "verbose") and value != default:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            parts.append(f"--{f.name.replace('_', '-')} {shown}")
     return " ".join(parts)
 
 

@@ -16,7 +16,7 @@ from analysis import schema as S
 from analysis.answer import Measured, Run, System, answer_dict, comparisons, markdown
 from search_spaces.arms import arm_space, retrain_config, systems
 from search_spaces.space import SpaceSpec, shipped_spaces
-from study.answer import AnswerOptions, StudyError, answer
+from study.answer import AnswerOptions, StudyError, answer, command_line
 from trainables.config import RunConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -100,6 +100,19 @@ def test_answer_options_refuse_search_seed_and_too_few_seeds():
         AnswerOptions(data=["x"], seeds=[1, 1])
     with pytest.raises(StudyError, match="--data"):
         AnswerOptions(data=[])
+
+
+@pytest.mark.parametrize("opts", [
+    AnswerOptions(data=["a", "b"]),
+    AnswerOptions(data=["a"], space="quick", num_samples=3, seeds=[2, 7], name="x",
+                  storage="s", address="auto", mlflow_uri="sqlite:///m.db",
+                  max_concurrent_trials=2)])
+def test_command_line_makes_the_same_options(opts):
+    from study.cli import _options, build_parser
+
+    line = command_line(opts)
+    assert line.startswith("jepa-study answer --data a")
+    assert _options(AnswerOptions, build_parser().parse_args(line.split()[1:])) == opts
 
 
 # -- the table -------------------------------------------------------------------------------
