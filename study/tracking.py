@@ -229,7 +229,8 @@ class StudyTracker:
     def fill(self, run: TrackedRun, params: Mapping[str, Any] | None,
              tags: Mapping[str, Any], texts: Mapping[str, str | None]) -> None:
         """Tags; with the params, the text artifacts if the run has no params yet; the params
-        it lacks (a value it has stays: MLflow params are immutable). All redacted."""
+        it lacks (a value it has stays: MLflow params are immutable; an empty section is no
+        param). All redacted."""
         self.set_tags(run, redact(tags))
         if not params:
             return
@@ -238,7 +239,7 @@ class StudyTracker:
                 if text is not None:
                     self.client.log_text(run.run_id, scrub(text), name)
         items = [(S.mlflow_key(k), str(v)[:S.MAX_PARAM_VALUE_LENGTH])
-                 for k, v in flatten(redact(params)).items()]
+                 for k, v in flatten(redact(params)).items() if v != {}]
         items = [(k, v) for k, v in items if k not in run.params]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
