@@ -39,3 +39,10 @@ def scifact_features(scifact):
     from trainables.cache import load_or_compute
 
     return load_or_compute(scifact, "all-MiniLM-L6-v2", 256, progress=False)
+
+
+def pytest_collection_modifyitems(items):
+    """Browser tests run last: pytest-playwright's Playwright, once started, lives to the end
+    of the session with its asyncio loop marked running in the main thread (``asyncio.run``
+    would refuse to run there)."""
+    items.sort(key=lambda item: "page" in getattr(item, "fixturenames", ()))

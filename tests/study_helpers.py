@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -90,17 +92,37 @@ def metric_steps(uri: str, run_id: str, key: str = "dev_ndcg_at_10") -> list[int
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, process group, state) of every process, from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-            found[int(entry.name)] = (int(ppid), int(pgrp), state)
+def _live(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie has exited; its parent has not reaped it yet)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def live_descendants(pid: int, recursive: bool = True) -> list[psutil.Process]:
+    """Live processes below ``pid``: its children, and theirs and so on when ``recursive``."""
+    try:
+        found = psutil.Process(pid).children(recursive=recursive)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in found if _live(p)]
+
+
+def still_alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that still live (a reused pid is another process: not counted)."""
+    return [p for p in procs if _live(p)]
+
+
+def live_in_group(pgid: int) -> list[psutil.Process]:
+    """Live processes of the process group ``pgid``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and _live(proc):
+                found.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
     return found
 
 

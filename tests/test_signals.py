@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from study_helpers import child_runs, parent_runs, processes, tiny_space, wait_for
+from study_helpers import (child_runs, live_descendants, live_in_group, parent_runs, still_alive,
+                           tiny_space, wait_for)
 
 from analysis import schema as S
 
@@ -196,29 +197,6 @@ def test_sigterm_stops_answer_with_sigint_ignored(tmp_path, scifact_dir, scifact
 
 # --- ui -------------------------------------------------------------------------------------
 
-def _descendants(pid: int) -> list[int]:
-    """Live (not zombie) processes below ``pid``: children, theirs, and so on."""
-    table = processes()
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, (ppid, _, state) in table.items() if ppid == parent and state != "Z"]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _alive(pids: list[int]) -> list[int]:
-    table = processes()
-    return [pid for pid in pids if pid in table and table[pid][2] != "Z"]
-
-
-def _group(pgid: int) -> list[int]:
-    """Live (not zombie) processes of the process group ``pgid``."""
-    return [pid for pid, (_, pgrp, state) in processes().items()
-            if pgrp == pgid and state != "Z"]
-
-
 def test_sigterm_stops_ui_and_its_mlflow_server_with_sigint_ignored(tmp_path):
     """``jepa-study ui`` with SIGINT ignored: SIGTERM takes the MLflow server's whole
     process group (its main process and workers) down with it."""
@@ -240,19 +218,22 @@ def test_sigterm_stops_ui_and_its_mlflow_server_with_sigint_ignored(tmp_path):
     try:
         wait_for(lambda: "MLflow UI: http://127.0.0.1:" in log.read_text(errors="replace"),
                  START_S, proc, "the UI's address", log)
-        server_processes = _descendants(proc.pid)  # `mlflow ui`, uvicorn, workers, jobs
+        server_processes = live_descendants(proc.pid)  # `mlflow ui`, uvicorn, workers, jobs
         assert len(server_processes) >= 4, f"the MLflow server's processes: {server_processes}"
-        (server,) = [pid for pid, (ppid, _, _) in processes().items() if ppid == proc.pid]
+        (server,) = [p.pid for p in live_descendants(proc.pid, recursive=False)]
         assert _sigint_ignored(proc.pid)  # as started (a study's Tune handles it in `fit`)
         _sigterm(proc, log)
         deadline = time.monotonic() + 10  # the command waited for the server: a margin only
-        while _alive(server_processes):
+        while still_alive(server_processes):
             assert time.monotonic() < deadline, (
-                f"MLflow server processes {_alive(server_processes)} outlived `jepa-study ui`")
+                f"MLflow server processes {still_alive(server_processes)} outlived "
+                "`jepa-study ui`")
             time.sleep(0.1)
         # nor anything else of the server's group (zombies aside: a container's PID 1 may
         # reap the orphans late, and kill(2) still finds them)
-        assert not _group(server), f"processes of the MLflow server's group {server} outlived it"
+        assert not live_in_group(server), (
+            f"processes of the MLflow server's group {server} outlived it: "
+            f"{live_in_group(server)}")
     finally:
         _kill_session(proc)
         if server is not None:

@@ -1,96 +1,72 @@
-"""The shape of the code: no import circles between the project's modules, and a training
-layer that knows nothing of Ray, MLflow or Optuna.
+"""The shape of the code: the import-linter contracts of ``[tool.importlinter]`` in
+pyproject.toml (the floors of ARCHITECTURE.md, a training layer that knows nothing of Ray,
+MLflow or Optuna, an analysis layer that never imports the study layer, no import circles).
 
-Imports are read with ``ast`` from the source, including those inside functions (a deferred
-import is still a dependency), so nothing is imported to check.
+import-linter's graph (grimp) is read from the source, nothing is imported: every import
+statement counts, those inside functions (a deferred import is still a dependency) and under
+``TYPE_CHECKING`` included. Its ``acyclic_siblings`` contract finds circles between sibling
+modules only; a circle through a package's own ``__init__`` (``pkg`` -> ``pkg.mod`` -> ``pkg``)
+is looked for here, on the same graph.
 """
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
+import grimp
+import pytest
+from importlinter.api import read_configuration
+from importlinter.application.use_cases import lint_imports
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("analysis", "search_spaces", "study", "trainables")
+PYPROJECT = str(ROOT / "pyproject.toml")
+CONFIG = read_configuration(PYPROJECT)
+PACKAGES = CONFIG["session_options"]["root_packages"]
 
 
-def _module(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+@pytest.fixture(scope="module", autouse=True)
+def _packages_of_this_checkout():
+    """grimp finds the packages on ``sys.path``: they must be this checkout's (an editable
+    install), or another copy would be checked."""
+    for package in PACKAGES:
+        spec = importlib.util.find_spec(package)
+        assert spec and spec.origin and Path(spec.origin).is_relative_to(ROOT), (
+            f"{package} is found at {spec and spec.origin}, not in {ROOT}: "
+            "pip install -e '.[test]'")
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module name ``path`` imports (``from a.b import c`` counts ``a.b`` and
-    ``a.b.c``: ``c`` may be a module)."""
-    package = _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
+@pytest.mark.parametrize("contract", [c["id"] for c in CONFIG["contracts_options"]])
+def test_import_contract_is_kept(contract):
+    """`lint-imports --contract CONTRACT`; the broken import chains are in the captured
+    output."""
+    assert lint_imports(PYPROJECT, limit_to_contracts=(contract,), cache_dir=None,
+                        no_logo=True), f"import contract {contract!r} is broken: see stdout"
+
+
+def circles(graph: grimp.ImportGraph) -> set[tuple[str, ...]]:
+    """Every import circle of ``graph``, each as its modules in import order from the
+    smallest name: an import ``a -> b`` closes one when a chain leads from ``b`` back to
+    ``a``."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
-
-
-def import_graph() -> dict[str, set[str]]:
-    """Project module -> the project modules it imports."""
-    files = {_module(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
-    return {name: {m for m in _imports(path) if m in files and m != name}
-            for name, path in files.items()}
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    found: list[list[str]] = []
-
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            component = []
-            while True:
-                member = stack.pop()
-                component.append(member)
-                if member == node:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
+    for importer in graph.modules:
+        for imported in graph.find_modules_directly_imported_by(importer):
+            back = graph.find_shortest_chain(importer=imported, imported=importer)
+            if back:
+                circle = (importer, *back[:-1])
+                start = circle.index(min(circle))
+                found.add(circle[start:] + circle[:start])
     return found
 
 
 def test_no_import_circles():
-    assert cycles(import_graph()) == []
+    assert circles(grimp.build_graph(*PACKAGES, cache_dir=None)) == set()
 
 
-def test_cycle_finder_finds_a_circle():
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-
-
-def test_trainables_import_no_ray_mlflow_or_optuna():
-    for path in (ROOT / "trainables").rglob("*.py"):
-        banned = {m for m in _imports(path)
-                  if m.split(".")[0] in ("ray", "mlflow", "optuna", "study", "analysis")}
-        assert not banned, f"{path.relative_to(ROOT)} imports {sorted(banned)}"
-
-
-def test_analysis_never_imports_study():
-    for path in (ROOT / "analysis").rglob("*.py"):
-        assert not {m for m in _imports(path) if m.split(".")[0] == "study"}, path
+def test_circle_finder_finds_a_package_importing_its_own_module():
+    """The circles acyclic_siblings leaves out (a parent and its child are no siblings)."""
+    graph = grimp.ImportGraph()
+    for importer, imported in [("pkg", "pkg.mod"), ("pkg.mod", "pkg"), ("pkg.a", "pkg.mod"),
+                               ("x", "y"), ("y", "z"), ("z", "x"), ("w", "x")]:
+        graph.add_import(importer=importer, imported=imported)
+    assert circles(graph) == {("pkg", "pkg.mod"), ("x", "y", "z")}
