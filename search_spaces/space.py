@@ -31,7 +31,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat,
                       StrictInt, StrictStr, ValidationError, ValidationInfo, model_validator)
 
-from trainables.config import ConfigError, RunConfig, flatten
+from trainables.config import ConfigError, RunConfig, flatten, is_test_metric
 
 if TYPE_CHECKING:  # heavy imports stay out of `import search_spaces`
     import optuna
@@ -233,6 +233,9 @@ class SpaceSpec(_Strict):
         the config a trial trains with; a study pickles it with its space into the trials.
         """
         overrides = self.resolve(params)
+        # a study's trials never score test: the study scores the trials it reports, from
+        # their kept best-epoch weights (trainables.loop.score_kept)
+        overrides["eval.evaluate_test"] = False
         if data_path is not None:
             overrides["data.path"] = str(data_path)
         try:
@@ -438,6 +441,10 @@ def _check_meaning(sp: SpaceSpec) -> None:
     if isinstance(sp.metric, list) != isinstance(sp.mode, list) or (
             isinstance(sp.metric, list) and len(sp.metric) != len(sp.mode)):
         raise fail("mode", f"one mode per metric: metric is {sp.metric!r}, mode is {sp.mode!r}")
+    for metric in [sp.metric] if isinstance(sp.metric, str) else sp.metric:
+        if is_test_metric(metric):
+            raise fail("metric", f"{metric!r} is a test figure: test is reported, never used "
+                       "to choose; use a dev figure such as best_dev_ndcg_at_10")
     if isinstance(sp.metric, list):
         if not sp.metric:
             raise fail("metric", "empty list")

@@ -203,15 +203,42 @@ class TrainConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the data is and how it is split. ``path`` None: see ``data.resolve_data_dir``."""
+    """Where the data is and how it is split. ``path`` None: see ``data.resolve_data_dir``.
+
+    ``dev_mode`` says what the dev split (every choice a run or study makes) selects for:
+    ``queries`` (the dataset's own dev split, else a seeded share of the train queries) rewards
+    whatever helps on queries like the train queries, including learning which documents tend
+    to be relevant; ``unseen_docs`` holds out a seeded share of the train-positive documents,
+    dev being the train queries whose positives all lie in that share, and rewards matching
+    queries to documents training never saw as positives (what a collection that grows needs).
+    See ``trainables.data.make_splits``.
+    """
 
     path: str | None = None
     train_split: str = "train"
     test_split: str = "test"
-    dev_split: str = Field("dev", description="used when the dataset has it; otherwise carved "
-                           "from the train queries (dev_fraction, seeded)")
-    dev_fraction: float = Field(0.2, gt=0, lt=1)
+    dev_split: str = Field("dev", description="used when the dataset has it (dev_mode "
+                           "queries); otherwise carved from the train queries (dev_fraction, "
+                           "seeded)")
+    dev_fraction: float = Field(0.2, gt=0, lt=1, description="dev_mode queries: the share of "
+                                "train queries carved as dev when the dataset has no dev split")
+    dev_mode: Literal["queries", "unseen_docs"] = Field(
+        "queries", description="queries: dev is the dataset's dev split or carved train "
+        "queries; unseen_docs: dev is the train queries whose positives all lie in a held-out "
+        "share (dev_doc_fraction) of the train-positive documents, and no train pair points "
+        "to a held-out document (the dataset's own dev split is not used)")
+    dev_doc_fraction: float = Field(0.3, gt=0, lt=1, description="dev_mode unseen_docs: the "
+                                    "share of train-positive documents held out")
     split_seed: int = 0
+
+
+def is_test_metric(name: str) -> bool:
+    """Whether ``name`` is a figure of a test split (``test_ndcg_at_10``,
+    ``best_test_seen_ndcg_at_10``, a transfer set's ``test_nfcorpus_ndcg_at_10``). Test
+    figures are reported, never used to choose: a study's metric or an export's ranking that
+    names one is refused."""
+    key = str(name).removeprefix("metrics.").removeprefix("best_")
+    return key == "test" or key.startswith("test_")
 
 
 class EvalConfig(_Strict):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["SCIFACT_URL", "BeirData", "DataError", "download_beir", "load_beir", "make_splits",
-           "resolve_data_dir"]
+           "resolve_data_dir", "split_for"]
 
 log = logging.getLogger(__name__)
 
@@ -221,26 +221,48 @@ def _read_qrels(file: Path, corpus: dict[str, tuple[str, str]],
 
 # -- splits --------------------------------------------------------------------------------
 
+#: fewest dev queries a carved dev split may hold: fewer cannot tell configs apart
+MIN_DEV_QUERIES = 10
+DEV_MODES = ("queries", "unseen_docs")
+
+
 def make_splits(data: BeirData, *, train: str = "train", dev: str = "dev", test: str = "test",
-                dev_fraction: float = 0.2, seed: int = 0) -> dict[str, dict[str, dict[str, int]]]:
+                dev_fraction: float = 0.2, seed: int = 0, dev_mode: str = "queries",
+                dev_doc_fraction: float = 0.3) -> dict[str, dict[str, dict[str, int]]]:
     """The train, dev and test qrels of a run, keyed ``"train"``, ``"dev"``, ``"test"``.
 
-    Only queries with at least one relevant (> 0) document are kept. The dataset's own dev
-    split is used when it has one; otherwise ``dev_fraction`` of the train queries become
-    dev: ids are sorted, then shuffled with ``random.Random(seed)``, so the choice does not
-    depend on file or dict order. The test split is never touched.
+    Only queries with at least one relevant (> 0) document are kept. The test split is never
+    touched. What dev is depends on ``dev_mode``:
+
+    * ``queries``: the dataset's own dev split when it has one; otherwise ``dev_fraction`` of
+      the train queries become dev (ids sorted, then shuffled with ``random.Random(seed)``,
+      so the choice does not depend on file or dict order).
+    * ``unseen_docs``: ``dev_doc_fraction`` of the train-positive documents are held out
+      (sorted, shuffled with ``random.Random(seed)``); dev is the train queries whose
+      positives all lie in the held-out share, and every train pair that points to a
+      held-out document leaves train (a query left without positives leaves too). No dev
+      positive is then a train positive: dev measures retrieval of documents training never
+      saw as positives. The dataset's own dev split is not used in this mode.
 
     Raises:
-        DataError: Train or test missing, a used split with no relevant pairs, or carving
-            that would leave dev or train empty.
-        ValueError: ``dev_fraction`` outside (0, 1).
+        DataError: Train or test missing, a used split with no relevant pairs, a carve that
+            leaves train empty or dev with fewer than :data:`MIN_DEV_QUERIES` queries (the
+            message names the field to change).
+        ValueError: A fraction outside (0, 1) or an unknown ``dev_mode``.
     """
+    if dev_mode not in DEV_MODES:
+        raise ValueError(f"data.dev_mode must be one of {DEV_MODES}, got {dev_mode!r}")
     available = sorted(data.qrels)
     for role, name in (("train", train), ("test", test)):
         if name not in data.qrels:
             raise DataError(f"{role} split {name!r} not found in {data.root / 'qrels'}; "
                             f"available splits: {available or 'none'}")
     out = {"train": _positive(data, train), "test": _positive(data, test)}
+    train_file = data.root / "qrels" / (train + ".tsv")
+    if dev_mode == "unseen_docs":
+        out["train"], out["dev"] = _unseen_docs_dev(out["train"], dev_doc_fraction, seed,
+                                                    train_file)
+        return {k: out[k] for k in ("train", "dev", "test")}
     if dev in data.qrels:
         out["dev"] = _positive(data, dev)
         return {k: out[k] for k in ("train", "dev", "test")}
@@ -251,13 +273,49 @@ def make_splits(data: BeirData, *, train: str = "train", dev: str = "dev", test:
     n_dev = round(len(ids) * dev_fraction)
     if n_dev < 1 or n_dev >= len(ids):
         raise DataError(f"carving dev_fraction={dev_fraction} of the {len(ids)} train queries "
-                        f"of {data.root / 'qrels' / (train + '.tsv')} would leave "
-                        f"{'dev' if n_dev < 1 else 'train'} empty")
+                        f"of {train_file} would leave {'dev' if n_dev < 1 else 'train'} empty")
     dev_ids = set(ids[:n_dev])
     whole = out["train"]
     out["train"] = {q: docs for q, docs in whole.items() if q not in dev_ids}
     out["dev"] = {q: docs for q, docs in whole.items() if q in dev_ids}
     return {k: out[k] for k in ("train", "dev", "test")}
+
+
+def split_for(data: BeirData, cfg: Any) -> dict[str, dict[str, dict[str, int]]]:
+    """:func:`make_splits` with every setting from a run config's ``data`` section."""
+    return make_splits(data, train=cfg.train_split, dev=cfg.dev_split, test=cfg.test_split,
+                       dev_fraction=cfg.dev_fraction, seed=cfg.split_seed,
+                       dev_mode=cfg.dev_mode, dev_doc_fraction=cfg.dev_doc_fraction)
+
+
+def _unseen_docs_dev(whole: dict[str, dict[str, int]], fraction: float, seed: int,
+                     train_file: Path) -> tuple[dict[str, dict[str, int]],
+                                                dict[str, dict[str, int]]]:
+    """(train, dev) of ``dev_mode: unseen_docs`` from the positive train qrels ``whole``."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.dev_doc_fraction must be in (0, 1), got {fraction}")
+    positives = sorted({d for docs in whole.values() for d, rel in docs.items() if rel > 0})
+    random.Random(seed).shuffle(positives)
+    held = set(positives[:round(len(positives) * fraction)])
+    dev, train = {}, {}
+    for q, docs in whole.items():
+        pos = {d for d, rel in docs.items() if rel > 0}
+        if pos <= held:
+            dev[q] = dict(docs)
+            continue
+        kept = {d: rel for d, rel in docs.items() if d not in held}
+        if any(rel > 0 for rel in kept.values()):
+            train[q] = kept
+    where = (f"holding out data.dev_doc_fraction={fraction} of the {len(positives)} "
+             f"train-positive documents of {train_file} (split seed {seed})")
+    if len(dev) < MIN_DEV_QUERIES:
+        raise DataError(f"{where} leaves {len(dev)} dev queries (fewer than "
+                        f"{MIN_DEV_QUERIES}): too few train queries have all their positives "
+                        "in the held-out share; raise data.dev_doc_fraction or use "
+                        "data.dev_mode: queries")
+    if not train:
+        raise DataError(f"{where} leaves no train pair; lower data.dev_doc_fraction")
+    return train, dev
 
 
 def _positive(data: BeirData, name: str) -> dict[str, dict[str, int]]:

@@ -3,8 +3,12 @@
 Budget and selection: a run trains up to its schedule's last epoch, evaluates dev after
 every epoch, keeps the weights of its best dev epoch (the headline dev nDCG@10; with
 ``eval.score_with: auto`` the better of query and predictor scoring, a choice made on dev)
-and reports that epoch's dev and test figures as final. ``train.patience`` ends it once dev
-has stopped improving; the test split is evaluated only at each new best epoch.
+and reports that epoch's dev figures as final. ``train.patience`` ends it once dev has
+stopped improving. The best epoch's weights are kept on disk as they change (``best/``:
+the heads only with a frozen base), so that whatever ends the run, test is scored from them
+where it is reported: once at the end of the run (``eval.evaluate_test``; a study's trials
+turn it off, and the study scores its best trials' kept weights with :func:`score_kept`).
+Every dev and test figure comes with its seen/unseen split (``trainables.subsets``).
 
 The loop knows nothing of Ray or MLflow. After every epoch it calls ``callback(metrics,
 checkpoint_dir)``, after writing a checkpoint on the first and last epoch and otherwise at
@@ -39,19 +43,22 @@ import torch.distributed as dist
 
 from trainables.cache import FeatureTables, load_or_compute
 from trainables.config import PhaseConfig, RunConfig
-from trainables.data import BeirData, load_beir, make_splits, resolve_data_dir
+from trainables.data import BeirData, load_beir, resolve_data_dir, split_for
 from trainables.evaluate import (METRIC_NAMES, embed_corpus, evaluate_model_per_query,
                                  retrieval_per_query, mean_metrics)
 from trainables.losses import JEPALoss
 from trainables.model import JEPAModel, load_base
+from trainables.subsets import seen_queries, subset_figures, subset_ids
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict[str, Any], "Path | None"], None]
 KEEP_CHECKPOINTS = 3
-#: the best epoch's per-query test nDCG@10 (both scorings, and on each transfer set), written
-#: into the run's directory whenever a new best epoch is scored on test
+#: the best epoch's test figures: means, seen/unseen subsets, and every query's nDCG@10 under
+#: both scorings (and on each transfer set), written beside the run's outputs when test is scored
 PER_QUERY_FILE = "per_query.json"
+#: the best dev epoch's weights (``model.pt``), its figures (``best.json``) and the config
+BEST_DIR = "best"
 
 
 class TrainingDiverged(RuntimeError):
@@ -216,9 +223,7 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
     device = device or default_device()
     if data is None:
         data = load_beir(resolve_data_dir(cfg.data.path))
-    splits = make_splits(data, train=cfg.data.train_split, dev=cfg.data.dev_split,
-                         test=cfg.data.test_split, dev_fraction=cfg.data.dev_fraction,
-                         seed=cfg.data.split_seed)
+    splits = split_for(data, cfg.data)
     if features is None and (cfg.model.freeze_base or cfg.train.hard_negatives):
         features = load_or_compute(data, cfg.model.base_model, cfg.model.max_seq_length,
                                    progress=progress, device=str(device))
@@ -237,8 +242,12 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     Returns:
         ``{"history": [per-epoch metrics], "best_epoch", "best_dev_ndcg_at_10",
         "score_with" (the best epoch's scoring: query or predictor), "end_reason",
-        "final": the best epoch's metrics (dev, and test when evaluated), "test": its
-        test metrics, "test_per_query": {"query"|"predictor": {qid: nDCG@10}}}``.
+        "final": the best epoch's metrics (dev, with its seen/unseen subsets)}``, and with
+        ``eval.evaluate_test`` the best epoch's weights scored on test once, at the end:
+        ``"test"`` (means, ``test_seen_*``/``test_unseen_*`` and counts, transfer sets'
+        ``test_<name>_*``), ``"test_per_query": {"query"|"predictor": {qid: nDCG@10}}``,
+        ``"transfer_per_query"`` and ``"subsets": {"test": {"seen": [qids], "unseen":
+        [qids]}}`` (see :func:`score_best`).
 
     Args:
         cfg: the validated run config.
@@ -269,8 +278,7 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     cached = cfg.model.freeze_base
     batches = _Batches(data, features if cached else None, device)
     sampler = EpochSampler(pairs, cfg.train.sampling, cfg.train.seed)
-    extras = [_transfer_set(path, cfg, device, progress and rank == 0)
-              for path in cfg.eval.extra_data] if cfg.eval.evaluate_test else []
+    seen_dev = seen_queries(splits["dev"], splits["train"])
 
     # -- MODEL
     base = None if cached else load_base(cfg.model.base_model, cfg.model.max_seq_length,
@@ -295,6 +303,9 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
         model.load_state_dict(state["model"])
         select.load_state_dict(state.get("selection"))
         log.info("resuming from %s (epoch %d)", found[0], state["epoch"])
+        kept = load_best(out_dir) if rank == 0 and select.best else None
+        if select.best and rank == 0 and (kept is None or kept[1]["epoch"] != select.best["epoch"]):
+            save_best(out_dir, select.best, cfg)  # the kept weights follow the checkpoint
     ended = bool(state and state.get("ended"))
 
     # -- PHASES
@@ -333,30 +344,13 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
                        "world_size": world,
                        **{f"train_{k}": v for k, v in train_parts.items()},
                        "lr": scheduler.get_last_lr()[-1]}
-            # -- EVALUATE: dev every epoch; test only for a new best dev epoch
+            # -- EVALUATE: dev every epoch (test never: it is scored once, at the end)
             doc_emb = _embed_docs(model, batches, data, features, cfg)
             metrics.update(_evaluate(model, batches, doc_emb, data, features, splits["dev"],
-                                     cfg, "dev", select.mode_of))
+                                     cfg, "dev", select.mode_of, seen=seen_dev))
             improved = select.update(epoch, metrics, model)
-            if improved and cfg.eval.evaluate_test:
-                chosen = lambda _: select.best["mode"]  # noqa: E731 - dev's choice, not test's
-                test, per_query = _evaluate(model, batches, doc_emb, data, features,
-                                            splits["test"], cfg, "test", chosen,
-                                            per_query=True)
-                transfer = {}
-                for x in extras:  # other collections' test splits, zero-shot
-                    x_emb = _embed_docs(model, x.batches, x.data, x.features, cfg)
-                    x_test, transfer[x.name] = _evaluate(
-                        model, x.batches, x_emb, x.data, x.features, x.qrels, cfg,
-                        f"test_{x.name}", chosen, per_query=True)
-                    test.update(x_test)
-                metrics.update(test)
-                select.best.update(test=test, test_per_query=per_query,
-                                   transfer_per_query=transfer)
-                if rank == 0:  # beside the outputs at once: a run stopped from outside keeps it
-                    _write_json(out_dir / PER_QUERY_FILE, {
-                        "best_epoch": epoch, "score_with": select.best["mode"],
-                        "test": per_query, "transfer": transfer})
+            if improved and rank == 0:  # on disk at once: a run stopped from outside keeps it
+                save_best(out_dir, select.best, cfg)
             metrics.update(select.summary())
             metrics["epoch_time_s"] = time.perf_counter() - t0
             reason = select.end_reason(epoch, cfg)
@@ -381,21 +375,121 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
             if ended:
                 break
 
-    # -- FINAL REPORT: the best dev epoch's figures (its weights are in the checkpoint)
+    # -- FINAL REPORT: the best dev epoch's figures; test scored once, from its weights
     best = select.best
     result: dict[str, Any] = {"history": history}
     if best is not None:
         result.update(best_epoch=best["epoch"], best_dev_ndcg_at_10=best["value"],
                       score_with=best["mode"], end_reason=history[-1].get("end_reason", ""),
                       final=best["metrics"])
-        if "test" in best:
-            result.update(test=best["test"], test_per_query=best["test_per_query"])
-            if best.get("transfer_per_query"):
-                result["transfer_per_query"] = best["transfer_per_query"]
+        if cfg.eval.evaluate_test:
+            model.load_state_dict(best["model"])
+            result.update(score_best(model, cfg, best, data=data, splits=splits,
+                                     features=features, batches=batches, device=device,
+                                     progress=progress and rank == 0,
+                                     out_dir=out_dir if rank == 0 else None))
     if rank == 0:
         cfg.to_yaml(out_dir / "config.yaml")
         _write_json(out_dir / "metrics.json", result)
     return result
+
+
+# -- the best epoch: kept on disk, scored on test where it is reported ---------------------
+
+def save_best(out_dir: Path, best: dict[str, Any], cfg: RunConfig) -> Path:
+    """Writes the best epoch's weights (``model.pt``), figures (``best.json``) and the
+    run's config into ``<out_dir>/best``, whole or not at all (a directory renamed into
+    place). With a frozen base the weights are the heads only (the model holds no base)."""
+    final = Path(out_dir) / BEST_DIR
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(best["model"], tmp / "model.pt")
+    _write_json(tmp / "best.json", {k: v for k, v in best.items() if k != "model"})
+    cfg.to_yaml(tmp / "config.yaml")
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_best(out_dir: Path) -> tuple[RunConfig, dict[str, Any], dict[str, Any]] | None:
+    """``(config, best.json, weights)`` kept by :func:`save_best` under ``out_dir``, or None
+    when the run kept none (it never finished an epoch, or predates kept weights)."""
+    path = Path(out_dir) / BEST_DIR
+    if not (path / "model.pt").exists():
+        return None
+    cfg = RunConfig.from_yaml(path / "config.yaml")
+    info = json.loads((path / "best.json").read_text())
+    return cfg, info, torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+
+
+def score_best(model: JEPAModel, cfg: RunConfig, best: dict[str, Any], *, data: BeirData,
+               splits: dict[str, Any], features: FeatureTables | None,
+               batches: "_Batches | None" = None, device: torch.device | None = None,
+               progress: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
+    """Scores ``model`` (holding the best epoch's weights) on test with the scoring dev
+    chose, and each ``eval.extra_data`` collection's test split zero-shot (transfer).
+
+    Returns ``{"test": {test_*, test_seen_*, test_unseen_*, test_n_*, test_<x>_*},
+    "test_per_query", "transfer_per_query", "subsets"}``; with ``out_dir`` also writes them
+    as :data:`PER_QUERY_FILE` there (with the best epoch and its scoring).
+    """
+    device = device or next(iter(model.parameters())).device
+    batches = batches or _Batches(data, features if cfg.model.freeze_base else None, device)
+    chosen = lambda _: best["mode"]  # noqa: E731 - dev's choice of scoring, never test's
+    seen = seen_queries(splits["test"], splits["train"])
+    doc_emb = _embed_docs(model, batches, data, features if cfg.model.freeze_base else None, cfg)
+    test, per_query = _evaluate(model, batches, doc_emb, data,
+                                features if cfg.model.freeze_base else None, splits["test"],
+                                cfg, "test", chosen, per_query=True, seen=seen)
+    transfer = {}
+    for path in cfg.eval.extra_data:  # other collections: no train positives, all unseen
+        x = _transfer_set(path, cfg, device, progress)
+        x_emb = _embed_docs(model, x.batches, x.data, x.features, cfg)
+        x_test, transfer[x.name] = _evaluate(model, x.batches, x_emb, x.data, x.features,
+                                             x.qrels, cfg, f"test_{x.name}", chosen,
+                                             per_query=True)
+        test.update(x_test)
+    out = {"test": test, "test_per_query": per_query, "subsets": {"test": subset_ids(seen)}}
+    if transfer:
+        out["transfer_per_query"] = transfer
+    if out_dir is not None:
+        _write_json(Path(out_dir) / PER_QUERY_FILE, {
+            "best_epoch": best["epoch"], "score_with": best["mode"], "metrics": test,
+            "test": per_query, "transfer": transfer, "subsets": out["subsets"]})
+    return out
+
+
+def score_kept(out_dir: Path, *, data: BeirData | None = None,
+               features: FeatureTables | None = None,
+               device: torch.device | str | None = None) -> dict[str, Any]:
+    """Scores a run's kept best-epoch weights (:func:`save_best`) on test, as a finished
+    ``train`` does at its end, and writes :data:`PER_QUERY_FILE` beside them: a study's
+    trials never score test, and the study scores the ones it reports this way.
+
+    Raises:
+        FileNotFoundError: The run kept no best-epoch weights (naming what to do).
+    """
+    out_dir = Path(out_dir)
+    kept = load_best(out_dir)
+    if kept is None:
+        raise FileNotFoundError(f"{out_dir} holds no kept best-epoch weights ({BEST_DIR}/"
+                                "model.pt): the run never finished an epoch, or predates "
+                                "kept weights; retrain it with `jepa-study train --config`")
+    cfg, info, weights = kept
+    device = torch.device(device) if device is not None else default_device()
+    data, splits, features = prepare(cfg, data, features, progress=False, device=device)
+    base = None if cfg.model.freeze_base else load_base(cfg.model.base_model,
+                                                         cfg.model.max_seq_length, device)
+    model = JEPAModel(cfg.model, base,
+                      base_dim=features.dim if cfg.model.freeze_base else None).to(device)
+    model.load_state_dict(weights)
+    return score_best(model, cfg, info, data=data, splits=splits, features=features,
+                      device=device, out_dir=out_dir)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -457,19 +551,21 @@ class _Selection:
         if self.best is not None and not value > self.best["value"]:
             return False
         weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        subsets = {k: v for k, v in metrics.items()
+                   if k.startswith(("dev_seen_", "dev_unseen_", "dev_n_"))}
         self.best = {"epoch": epoch, "value": value, "mode": metrics["dev_scored_with"],
-                     "model": weights}
+                     "dev": subsets, "model": weights}
         return True
 
     def summary(self) -> dict[str, Any]:
         """The per-epoch ``best_*`` metrics: the best epoch so far, its dev headline (the
-        objective a study ranks by), its scoring and its test figures (``best_test_*``), so
-        that a run's last report, whenever it ends, holds its final figures."""
+        objective a study ranks by), its scoring and its dev figures on the seen and unseen
+        queries (``best_dev_seen_ndcg_at_10``), so that a run's last report, whenever it
+        ends, holds its final dev figures."""
         b = self.best
         return {"best_dev_ndcg_at_10": b["value"], "best_epoch": b["epoch"],
                 "best_scored_with_predictor": float(b["mode"] == "predictor"),
-                **{f"best_{k}": v for k, v in b.get("test", {}).items()
-                   if not k.endswith("_scored_with")}}
+                **{f"best_{k}": v for k, v in b.get("dev", {}).items()}}
 
     def end_reason(self, epoch: int, cfg: RunConfig) -> str | None:
         """Why the run ends after ``epoch``, or None while it goes on."""
@@ -614,12 +710,13 @@ def _embed_docs(model, batches, data, features, cfg) -> torch.Tensor:
 
 
 def _evaluate(model, batches, doc_emb, data, features, qrels, cfg, split: str, mode_of,
-              per_query: bool = False):
+              per_query: bool = False, seen: dict[str, bool] | None = None):
     """Scores one split both ways; the headline ``<split>_<metric>`` is ``mode_of(raw)``'s.
 
     ``<split>_scored_with`` names the headline's scoring. Dev rows carry the collapse
-    diagnostics; test rows only the split's figures. With ``per_query``, returns
-    ``(metrics, {scoring: {qid: nDCG@10}})``.
+    diagnostics; test rows only the split's figures. With ``seen`` (``subsets.seen_queries``)
+    the headline nDCG@10 on the seen and unseen queries and their counts are added. With
+    ``per_query``, returns ``(metrics, {scoring: {qid: nDCG@10}})``.
     """
     doc_ids = features.doc_ids if features is not None else data.doc_ids
     qids = sorted(qrels)
@@ -634,6 +731,8 @@ def _evaluate(model, batches, doc_emb, data, features, qrels, cfg, split: str, m
     for name in METRIC_NAMES:
         out[f"{split}_{name}"] = raw[f"{mode}_{name}"]
     out[f"{split}_scored_with"] = mode
+    if seen is not None:
+        out.update(subset_figures(split, by_query[mode], seen))
     if not dev:
         out = {k: v for k, v in out.items() if k.startswith(split)}
     return (out, by_query) if per_query else out
@@ -643,7 +742,9 @@ def zero_shot(cfg: RunConfig, split: str = "test", data: BeirData | None = None,
               features: FeatureTables | None = None, per_query: bool = False):
     """The base encoder alone (cosine on its pooled output): every result's reference row.
 
-    Returns the mean metrics, or with ``per_query`` ``(means, {qid: nDCG@10})``.
+    Returns the mean metrics with nDCG@10 on the split's seen and unseen queries
+    (``seen_ndcg_at_10``, ``n_seen``, ...: seen against the config's train split, as a
+    trained run's would be), or with ``per_query`` ``(means, {qid: nDCG@10})``.
     """
     data, splits, features = prepare(cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"freeze_base": True})}), data, features)
@@ -652,6 +753,9 @@ def zero_shot(cfg: RunConfig, split: str = "test", data: BeirData | None = None,
     scored = retrieval_per_query(qids, features.queries(qids), features.doc_ids,
                                  features.doc_features, qrels, "cosine", **search_options(cfg))
     means = mean_metrics(scored)
+    seen = seen_queries(qrels, splits["train"])
+    means.update({k.removeprefix(f"{split}_"): v for k, v in
+                  subset_figures(split, scored["ndcg_at_10"], seen).items()})
     return (means, scored["ndcg_at_10"]) if per_query else means
 
 
