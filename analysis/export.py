@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from analysis import schema as S
 from analysis.runs import METRICS, find_parent, load_runs, run_config
 from analysis.views import metric_column, top_k
-from trainables.config import ConfigError, RunConfig
+from trainables.config import ConfigError, RunConfig, is_test_metric
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def as_chosen(cfg: RunConfig, row: Mapping[str, Any]) -> tuple[RunConfig, dict[s
         mode = "predictor" if won == 1 and cfg.trains_predictor else "query"
         overrides["eval.score_with"] = mode
         notes["score_with"] = f"auto: {mode} won on dev"
+    if not cfg.eval.evaluate_test:  # a study's trial: `train` scores test once at its end
+        overrides["eval.evaluate_test"] = True
     if best is not None and best == best:
         overrides.update({"train.stop_after_epoch": int(best), "train.patience": None})
         notes.update(best_epoch=str(int(best)), patience=str(cfg.train.patience))
@@ -101,6 +103,9 @@ def export_configs(tracking_uri: str, study_name: str, out_dir: str | Path, top:
     Raises:
         ValueError: No finished trial has a value of ``metric``.
     """
+    if is_test_metric(metric):
+        raise ValueError(f"metric {metric!r} is a test figure: test is reported, never used to "
+                         "choose; rank by a dev figure such as best_dev_ndcg_at_10")
     df = load_runs(tracking_uri, study_name, experiment_name)
     best = top_k(df, top, metric, mode)
     if best.empty:
@@ -123,11 +128,28 @@ def export_configs(tracking_uri: str, study_name: str, out_dir: str | Path, top:
                 log.warning("trial %s: data.path unknown, left unset", row["trial_id"])
         cfg, chosen = as_chosen(cfg, row)
         cfg = with_provenance(cfg, study_name, row, metric, row[col], tracking_uri,
-                              rank=row["rank"], **chosen)
+                              rank=row["rank"], **chosen, **figures(row))
         path = out_dir / f"{_safe(study_name)}-rank{row['rank']}-{_safe(row['trial_id'])}.yaml"
         cfg.to_yaml(path)
         paths.append(path)
     return paths
+
+
+#: the figures an exported config's provenance carries: dev (what chose it) and test
+#: (reported only), each on all, seen and unseen queries with the subsets' sizes
+SUMMARY_FIGURES = tuple(
+    f"best_{split}_{name}" for split in ("dev", "test") for name in
+    ("ndcg_at_10", "seen_ndcg_at_10", "unseen_ndcg_at_10", "n_seen", "n_unseen"))
+
+
+def figures(row: Mapping[str, Any]) -> dict[str, str]:
+    """The trial's :data:`SUMMARY_FIGURES` it has (test only where the study scored it)."""
+    out = {}
+    for key in SUMMARY_FIGURES:
+        value = row.get(METRICS + key)
+        if isinstance(value, (int, float)) and value == value:
+            out[key] = f"{int(value)}" if "_n_" in key else f"{float(value):.4f}"
+    return out
 
 
 def _safe(name: Any) -> str:

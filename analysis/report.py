@@ -94,7 +94,7 @@ def render_report(tracking_uri: str, study_name: str, storage_url: str | None = 
             _note("multi-objective Optuna study, but the logged space names one metric"))))
     parts.append(("stop-reasons", "Stop reasons", lambda: _stops(df)))
     parts.append(("test", "Test figures (reported, never used to choose)",
-                  needs_metric(lambda: _test(df, top, metric, mode))))
+                  needs_metric(lambda: _test(df, top, metric, mode, parent))))
     body = []
     for sid, title, build in parts:
         try:
@@ -215,21 +215,47 @@ def _top(df: pd.DataFrame, k: int, metric: str, mode: str) -> str:
     return _table(rows[list(dict.fromkeys(cols))], index=False)
 
 
-#: test figures of a trial's best dev epoch, for the report's last section only
-TEST_COLUMNS = [METRICS + S.BEST_TEST_PREFIX + name for name in (
-    "ndcg_at_10", "query_ndcg_at_10", "predictor_ndcg_at_10", "recall_at_100")]
+#: test figures of a trial's best dev epoch, for the report's last section only: all queries,
+#: the seen and unseen ones (a relevant document was, or never was, a train positive)
+TEST_FIGURES = ("ndcg_at_10", "seen_ndcg_at_10", "unseen_ndcg_at_10", "n_seen", "n_unseen",
+                "query_ndcg_at_10", "predictor_ndcg_at_10", "recall_at_100")
+TEST_COLUMNS = [METRICS + S.BEST_TEST_PREFIX + name for name in TEST_FIGURES]
+#: the reference rows (``trainables.references``), read from the parent run
+REFERENCE_ROWS = ("zero_shot", "bm25", "doc_prior")
 
 
-def _test(df: pd.DataFrame, k: int, metric: str, mode: str) -> str:
-    """The top trials (ranked by dev, as everywhere) with their best epoch's test figures."""
+def _test(df: pd.DataFrame, k: int, metric: str, mode: str, parent: Any = None) -> str:
+    """The top trials (ranked by dev, as everywhere) with their best epoch's test figures on
+    all, seen and unseen queries, below the reference rows."""
     rows = V.top_k(df, k, metric, mode)
     cols = [c for c in TEST_COLUMNS if c in rows.columns]
     if rows.empty or not cols:
-        return _note("no finished trial has test figures")
-    note = _note("Test figures of each trial's best dev epoch. They are reported here and "
-                 "used for nothing: trials, epochs and scorings are all chosen on dev.")
-    return note + _table(rows[["rank", "trial_id", V.metric_column(df, metric)] + cols],
-                         index=False)
+        return _note("no finished trial has test figures (they are scored when a study "
+                     "ends, or by `jepa-study test STUDY`)")
+    note = _note("Test figures of each trial's best dev epoch, scored from its kept weights "
+                 "when the study ended. They are reported here and used for nothing: trials, "
+                 "epochs and scorings are all chosen on dev. A query is seen when one of its "
+                 "relevant documents was a positive of a train query, else unseen; a gain on "
+                 "seen queries alone is what the document-prior row gets with no training "
+                 "(which documents tend to be relevant), not better query-document matching.")
+    table = rows[["rank", "trial_id", V.metric_column(df, metric)] + cols]
+    refs = _references(parent)
+    if refs is not None:
+        table = pd.concat([refs.rename(columns=lambda c: METRICS + S.BEST_TEST_PREFIX + c
+                                       if c in TEST_FIGURES else c), table], ignore_index=True)
+    return note + _table(table, index=False)
+
+
+def _references(parent: Any) -> pd.DataFrame | None:
+    """The reference rows logged on the parent run (``reference.<row>.test_*``), or None."""
+    metrics = getattr(getattr(parent, "data", None), "metrics", None) or {}
+    rows = []
+    for row in REFERENCE_ROWS:
+        values = {name: metrics.get(S.reference_key(row, f"test_{name}"))
+                  for name in TEST_FIGURES}
+        if values["ndcg_at_10"] is not None:
+            rows.append({"rank": "-", "trial_id": row, **values})
+    return pd.DataFrame(rows) if rows else None
 
 
 def _knob(df: pd.DataFrame, knob: str, metric: str) -> str:

@@ -28,6 +28,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from trainables import subsets as _subsets  # dependency-free: the split's names live there
+
 # --- tags ------------------------------------------------------------------------------------
 TAG_STUDY = "jepa.study"  #: the study name, on the parent and on every child run
 TAG_TRIAL_ID = "jepa.trial_id"  #: Ray Tune's trial id, on child runs only
@@ -81,6 +83,11 @@ PARAM_GPUS_PER_WORKER = "gpus_per_worker"
 PARAM_PYTHON = "python"  #: the driver's Python version
 
 
+def reference_key(row: str, figure: str) -> str:
+    """The parent run's metric of a reference row's figure (``reference.bm25.test_ndcg_at_10``)."""
+    return f"{REFERENCE_PREFIX}{row}.{figure}"
+
+
 def version_param(package: str) -> str:
     """The parent run's param of a package's version (``ray_version``, ...)."""
     return f"{package}_version"
@@ -91,7 +98,8 @@ ARTIFACT_CONFIG = "config.yaml"  #: resolved trial config, on child runs
 ARTIFACT_SPACE = "space.yaml"  #: the study's search space, on the parent run
 ARTIFACT_REPORT = "report"  #: artifact folder of the HTML report and its figures (parent run)
 ARTIFACT_ANSWER = "answer"  #: artifact folder of the answer's HTML, JSON and Markdown
-ARTIFACT_PER_QUERY = "per_query.json"  #: the best epoch's per-query test nDCG@10 of a run
+ARTIFACT_PER_QUERY = "per_query.json"  #: the best epoch's test figures, per query too
+ARTIFACT_REFERENCES = "references.json"  #: the reference rows (parent run), per query too
 
 # --- study directory -------------------------------------------------------------------------
 OPTUNA_DB = "optuna.db"  #: Optuna's RDB storage inside the study directory
@@ -139,6 +147,15 @@ SELECTION = "best_dev_ndcg_at_10"  #: a trial's value: its best dev epoch's head
 BEST_EPOCH = "best_epoch"  #: a run's best dev epoch so far (the loop reports it each epoch)
 BEST_SCORED_WITH_PREDICTOR = "best_scored_with_predictor"  #: 1 when that epoch's scoring won
 BEST_TEST_PREFIX = "best_test_"  #: the best epoch's test figures (``best_test_ndcg_at_10``)
+#: a split's query subsets (``trainables.subsets``): nDCG@10 on the queries whose relevant
+#: documents were (seen) or were never (unseen) positives of the run's train queries,
+#: ``<split>_seen_ndcg_at_10`` with its count ``<split>_n_seen``
+SUBSETS = _subsets.SUBSETS
+subset_key = _subsets.subset_key
+count_key = _subsets.count_key
+#: the reference rows' figures on the parent run: ``reference.<row>.<figure>``
+#: (``reference.doc_prior.test_unseen_ndcg_at_10``; rows in ``trainables.references``)
+REFERENCE_PREFIX = "reference."
 MAX_KEY_LENGTH = 250  #: MLflow's limit on metric/param/tag key length
 MAX_PARAM_VALUE_LENGTH = 6000  #: MLflow's limit on a param value
 MAX_TAG_VALUE_LENGTH = 8000  #: MLflow's limit on a tag value

@@ -48,7 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    checkpoint_interval_s=args.checkpoint_interval_s)
     print(json.dumps({"final_dev": {k: v for k, v in result["final"].items()
                                     if k.startswith("dev_")},
-                      "test": result.get("test", {})}, indent=1))
+                      "test (reported only; seen/unseen: a relevant document was or was never "
+                      "a train positive)": result.get("test", {})}, indent=1))
     print(f"wrote {out / 'metrics.json'} and {out / 'config.yaml'}")
     return 0
 
@@ -95,6 +96,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    from study.scoring import score_study
+    from study.sync import sync
+
+    done = score_study(args.study, top=args.top)
+    sync(args.study)
+    print(json.dumps(done, indent=1))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from study.reporting import study_report
 
@@ -105,10 +116,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from study.reporting import study_export
+    from trainables.config import ConfigError, is_test_metric
+
+    if is_test_metric(args.metric):
+        raise ConfigError(f"--metric {args.metric}: a test figure; test is reported, never "
+                          "used to choose (rank by a dev figure such as best_dev_ndcg_at_10)")
+
+    from analysis.export import SUMMARY_FIGURES
+    from trainables.config import RunConfig
 
     for path in study_export(args.study, top=args.top, metric=args.metric, mode=args.mode,
                              out=args.out):
-        print(path)
+        prov = RunConfig.from_yaml(path).provenance
+        shown = ", ".join(f"{k.removeprefix('best_')} {prov[k]}" for k in SUMMARY_FIGURES
+                          if k in prov)
+        print(f"{path}\n  {shown or 'no figures logged'}"
+              f"{'' if 'best_test_ndcg_at_10' in prov else ' (test not scored: jepa-study test)'}")
     return 0
 
 
@@ -170,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate these first: a study directory (its top 3 trials), an "
                    "exported YAML file or a directory of them; repeatable")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("test", help="score a study's best trials on test from their kept "
+                       "weights (a study does it for its top 10 when it ends); reported only")
+    p.add_argument("study", help="study directory")
+    p.add_argument("--top", type=int, default=10, help="how many trials, best by the study's "
+                   "metric (default 10: those the report lists)")
+    p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("report", help="HTML report of a study, logged to its parent run")
     p.add_argument("study", help="study directory")

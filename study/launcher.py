@@ -127,6 +127,7 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
             if fit(tuner):
                 raise KeyboardInterrupt  # Tune caught the SIGINT, stopped and saved its state
             ending = (S.STATUS_FINISHED, None)
+            _score_at_end(meta)
         except KeyboardInterrupt:
             ending = (S.STATUS_KILLED, f"interrupted: continue with `jepa-study resume "
                                        f"{meta['dir']}`")
@@ -146,6 +147,18 @@ def run_study(study_dir: Path, *, resume: bool) -> dict[str, Any]:
 
         trials = read_trials(experiment_dir(meta))
     return write_summary(summarize(meta, trials, spec, time.time() - started))
+
+
+def _score_at_end(meta: dict[str, Any]) -> None:
+    """Scores the study's reported trials on test (``study.scoring``), before the end's sync
+    logs them. A failure is left to ``jepa-study test``: the study itself has ended well."""
+    from study.scoring import score_study
+
+    try:
+        score_study(meta["dir"])
+    except Exception as exc:  # noqa: BLE001 - test figures are a view: never fail the study
+        log.warning("scoring the best trials of %s on test failed (%s: %s); run `jepa-study "
+                    "test %s`", meta["dir"], type(exc).__name__, exc, meta["dir"])
 
 
 def _sync_at_end(meta: dict[str, Any], tracker: Any, ending: tuple[str, str | None]):

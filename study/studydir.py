@@ -152,16 +152,37 @@ def summarize(meta: dict[str, Any], trials: Iterable[Any], spec: Any,
                      "best_epoch": m.get(S.BEST_EPOCH),
                      "scored_with": {1.0: "predictor", 0.0: "query"}.get(
                          m.get(S.BEST_SCORED_WITH_PREDICTOR)),
-                     "test_ndcg_at_10": m.get(S.BEST_TEST_PREFIX + "ndcg_at_10"),
+                     **{f"dev_{s}_ndcg_at_10": m.get(f"best_{S.subset_key('dev', s)}")
+                        for s in S.SUBSETS},
                      "epochs": m.get("epoch"), "end_reason": m.get("end_reason", "")})
     scored = [r for r in rows if isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
     best = (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
+    if best is not None:  # test: scored by the study from the trial's kept weights, if it was
+        best["test (reported only)"] = _scored(trial_output_dir(meta["dir"], best["trial_id"])
+                                               / S.ARTIFACT_PER_QUERY, "metrics")
     summary = {"study_dir": str(meta["dir"]), "name": meta["name"], "trials": len(rows),
                "errored": sum(r["error"] for r in rows), "metric": metric, "best": best,
+               "references (test, reported only)": _scored(
+                   Path(meta["dir"]) / S.ARTIFACT_REFERENCES, "rows"),
                "mlflow_uri": meta["mlflow_uri"]}
     if wall_s is not None:
         summary["wall_s"] = round(wall_s, 1)
     return summary
+
+
+def _scored(path: Path, key: str) -> dict[str, Any] | None:
+    """The all/seen/unseen test nDCG@10 and counts in a scoring file (``per_query.json``'s
+    ``metrics``, ``references.json``'s ``rows``), or None where it was not scored."""
+    if not path.exists():
+        return None
+    found = json.loads(path.read_text())[key]
+    keep = [S.subset_key("test", s) for s in S.SUBSETS] + [S.count_key("test", s)
+                                                           for s in S.SUBSETS]
+
+    def pick(figures: dict[str, Any]) -> dict[str, Any]:
+        return {k: figures[k] for k in ["test_ndcg_at_10", *keep] if k in figures}
+
+    return pick(found) if key == "metrics" else {row: pick(f) for row, f in found.items()}
 
 
 def write_summary(summary: dict[str, Any]) -> dict[str, Any]:

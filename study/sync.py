@@ -313,6 +313,7 @@ def sync(study: str | Path, *, tracker: StudyTracker | None = None,
             report.orphaned.append(trial_id)
         statuses[run.status] = statuses.get(run.status, 0) + 1
     _summarize(tracker, parent, meta, spec, trials, statuses)
+    _log_references(tracker, parent, meta["dir"])
     if ending is not None:
         tracker.end(parent, *ending)
     elif not live and (meta["dir"] / "summary.json").exists():
@@ -395,15 +396,37 @@ def _log_results(tracker: StudyTracker, run: TrackedRun, results: list[dict]) ->
 
 
 def _log_per_query(tracker: StudyTracker, run: TrackedRun, trial_dir: Path) -> None:
-    """The per-query test figures of the trial's best epoch (the loop's ``per_query.json``)
-    as the run's artifact, logged again only when a later best epoch replaced them."""
+    """The test figures the study scored from the trial's kept best epoch
+    (``per_query.json``, see ``study.scoring``): its means on all, seen and unseen queries as
+    ``best_test_*`` metrics at that epoch's step, and the file as the run's artifact, logged
+    again only when a later best epoch replaced it."""
     path = trial_dir / S.ARTIFACT_PER_QUERY
     if not path.exists():
         return
-    epoch = str(json.loads(path.read_text()).get("best_epoch"))
+    scored = json.loads(path.read_text())
+    epoch = str(scored.get("best_epoch"))
+    finite, _ = metric_entries({"best_" + k: v for k, v in scored.get("metrics", {}).items()})
+    stamp = int(path.stat().st_mtime * 1000)
+    tracker.log_metrics(run, [Metric(k, v, stamp, int(scored.get("best_epoch") or 0))
+                              for k, v in finite.items()])
     if run.tags.get(S.TAG_PER_QUERY_EPOCH) != epoch:
         tracker.client.log_artifact(run.run_id, str(path))
         tracker.set_tags(run, {S.TAG_PER_QUERY_EPOCH: epoch})
+
+
+def _log_references(tracker: StudyTracker, parent: TrackedRun, study_dir: Path) -> None:
+    """The reference rows the study scored (``references.json``) as the parent run's
+    ``reference.<row>.<figure>`` metrics and its artifact."""
+    path = Path(study_dir) / S.ARTIFACT_REFERENCES
+    if not path.exists():
+        return
+    rows = json.loads(path.read_text())["rows"]
+    finite, _ = metric_entries({S.reference_key(row, k): v for row, figures in rows.items()
+                                for k, v in figures.items()})
+    if not set(finite) <= parent.metric_keys:
+        stamp = int(path.stat().st_mtime * 1000)
+        tracker.log_metrics(parent, [Metric(k, v, stamp, 0) for k, v in finite.items()])
+        tracker.client.log_artifact(parent.run_id, str(path))
 
 
 def _summarize(tracker: StudyTracker, parent: TrackedRun, meta: dict, spec: Any,

@@ -359,8 +359,10 @@ def test_export_configs_with_provenance(record, runs, tmp_path):
         # the model the study chose: its best dev epoch, the schedule kept, no patience
         best = dev.index(max(dev)) + 1
         assert cfg.provenance["best_epoch"] == str(best)
+        # (and `train` scores test once at its end, which a study's trial never does)
         assert _stripped(cfg) == record["configs"][trial_id].with_overrides(
-            {"train.stop_after_epoch": best, "train.patience": None})
+            {"train.stop_after_epoch": best, "train.patience": None,
+             "eval.evaluate_test": True})
         assert cfg.data.path == record["data_dir"] and cfg.train.seed == 0
     loaded = load_warm_start(tmp_path / "best")
     assert [c.provenance["trial_id"] for c in loaded] == ["t1", "t2"]
@@ -369,3 +371,7 @@ def test_export_configs_with_provenance(record, runs, tmp_path):
         load_warm_start(tmp_path / "missing")
     with pytest.raises(KeyError, match="nonexistent"):
         export_configs(record["uri"], STUDY, tmp_path / "x", metric="nonexistent")
+    # test figures are reported, never used to choose
+    for metric in ("best_test_ndcg_at_10", "test_ndcg_at_10", "best_test_unseen_ndcg_at_10"):
+        with pytest.raises(ValueError, match=f"{metric!r} is a test figure"):
+            export_configs(record["uri"], STUDY, tmp_path / "x", metric=metric)

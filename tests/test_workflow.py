@@ -64,10 +64,31 @@ def test_export_then_train_reproduces_the_dev_metric(small_study, tmp_path, caps
     assert metrics["score_with"] == exported.eval.score_with
     assert "test_ndcg_at_10" in metrics["test"]
     # the trial's final test figures (MLflow's last values) are its best epoch's
+    # The study scored its best trials on test when it ended, from their kept weights (the
+    # trials never scored test): the same figures as the retrained run, on all, seen and
+    # unseen queries, logged on the trial's run and reported only.
     final = MlflowClient(uri).get_run(run.info.run_id).data.metrics
-    assert final["best_test_ndcg_at_10"] == pytest.approx(
-        metrics["test"]["test_ndcg_at_10"], abs=1e-9)
+    for key in ("test_ndcg_at_10", "test_seen_ndcg_at_10", "test_unseen_ndcg_at_10",
+                "test_n_seen", "test_n_unseen"):
+        assert final["best_" + key] == pytest.approx(metrics["test"][key], abs=1e-9), key
+    assert (final["best_test_n_seen"], final["best_test_n_unseen"]) == (175, 125)
     assert final["best_epoch"] == best_epoch
+    assert not any(k.startswith("test_") for k in final)  # no epoch of a trial scored test
+    # the export summary shows dev and test on all, seen and unseen queries
+    shown = capsys.readouterr().out
+    assert "dev_seen_ndcg_at_10" in shown and "test_unseen_ndcg_at_10" in shown
+    # the study's summary and its parent run hold the reference rows beside the best trial
+    summary = json.loads((small_study / "summary.json").read_text())
+    assert summary["best"]["trial_id"] == exported.provenance["trial_id"]
+    assert summary["best"]["test (reported only)"]["test_ndcg_at_10"] == pytest.approx(
+        metrics["test"]["test_ndcg_at_10"], abs=1e-9)
+    refs = summary["references (test, reported only)"]
+    assert refs["zero_shot"]["test_ndcg_at_10"] == pytest.approx(0.645, abs=0.001)
+    assert refs["doc_prior"]["test_ndcg_at_10"] == pytest.approx(0.708, abs=0.002)
+    parent = MlflowClient(uri).get_run(run.data.tags["mlflow.parentRunId"]).data.metrics
+    assert parent["reference.bm25.test_ndcg_at_10"] == pytest.approx(0.662, abs=0.001)
+    assert parent["reference.doc_prior.test_unseen_ndcg_at_10"] == pytest.approx(
+        refs["doc_prior"]["test_unseen_ndcg_at_10"])
 
 
 def test_report_has_every_section_and_is_logged(small_study):
@@ -78,6 +99,11 @@ def test_report_has_every_section_and_is_logged(small_study):
             "knob-lambda_pred", "importance", "history", "parallel",
             "stop-reasons"} <= sections
     assert not re.search(r'(src|href)="https?://', html)  # self-contained
+    # the test section: the reference rows above the trials, seen and unseen columns
+    test = html[html.index('<section id="test">'):]
+    for row in ("zero_shot", "bm25", "doc_prior"):
+        assert f"<td>{row}</td>" in test
+    assert "best_test_unseen_ndcg_at_10" in test and "best_test_n_seen" in test
     meta = load_meta(small_study)
     client = MlflowClient(meta["mlflow_uri"])
     parent = client.search_runs(
