@@ -55,14 +55,12 @@ class Ours:
 
     def __init__(self, data, cfg, device, features=None, pinned: bool = False):
         from trainables import loop
-        from trainables.data import make_splits
+        from trainables.data import split_for
         from trainables.losses import JEPALoss
         from trainables.model import JEPAModel, load_base
 
         self.loop, self.cfg, self.device = loop, cfg, device
-        splits = make_splits(data, train=cfg.data.train_split, dev=cfg.data.dev_split,
-                             test=cfg.data.test_split, dev_fraction=cfg.data.dev_fraction,
-                             seed=cfg.data.split_seed)
+        splits = split_for(data, cfg.data)
         self.pairs = loop.training_pairs(splits["train"])
         self.sampler = loop.EpochSampler(self.pairs, cfg.train.sampling, cfg.train.seed)
         self.relevant = {q: {d for d, rel in docs.items() if rel > 0}

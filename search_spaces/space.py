@@ -424,14 +424,38 @@ def space_file(path_or_name: str | Path) -> Path:
 
 
 def load_space(path_or_name: str | Path) -> SpaceSpec:
-    """Loads and validates a space file; a bare name (``quick``) means a shipped space."""
+    """Loads and validates a space file; a bare name (``quick``) means a shipped space.
+
+    A file may start from another space with ``extends: <name or path>``: its own keys are
+    merged over that space's (mappings key by key, anything else replaced), so a variant
+    names only what it changes (``quick_unseen``: ``quick`` selected on unseen documents).
+    """
     path = space_file(path_or_name)
     source = path.name if path.parent == SPACES_DIR else str(path)
+    return SpaceSpec.from_dict(_raw_space(path, source, ()), source)
+
+
+def _raw_space(path: Path, source: str, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A space file's mapping with its ``extends`` chain merged in (cycles refused)."""
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpaceError(f"{source}: not valid YAML: {exc}") from None
-    return SpaceSpec.from_dict(raw, source)
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw
+    parent = raw.pop("extends")
+    if not isinstance(parent, str):
+        raise SpaceError(f"{source}: extends: expected a space name or file, got {parent!r}")
+    try:
+        parent_path = space_file(parent if Path(parent).is_absolute() or parent in
+                                 shipped_spaces() else path.parent / parent)
+    except SpaceError as exc:
+        raise SpaceError(f"{source}: extends: {exc}") from None
+    if parent_path.resolve() in chain or parent_path.resolve() == path.resolve():
+        raise SpaceError(f"{source}: extends: {parent} extends {source} again (a cycle)")
+    base = _raw_space(parent_path, parent, chain + (path.resolve(),))
+    base.pop("name", None)  # a variant is a space of its own: its name, else its file's
+    return _merge(base, raw)
 
 
 # -- checks of meaning (after pydantic has checked the structure) --------------------------

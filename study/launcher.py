@@ -50,15 +50,13 @@ def prepare_study(opts: StudyOptions) -> Path:
     """
     from search_spaces.space import load_space
     from study.reporting import warm_start_configs
-    from trainables.data import load_beir, make_splits, resolve_data_dir
+    from trainables.data import load_beir, resolve_data_dir, split_for
 
     spec = load_space(opts.space)
     base = spec.base_config()
     data_dir = resolve_data_dir(opts.data or base.data.path)
     data = load_beir(data_dir)
-    make_splits(data, train=base.data.train_split, dev=base.data.dev_split,
-                test=base.data.test_split, dev_fraction=base.data.dev_fraction,
-                seed=base.data.split_seed)
+    split_for(data, base.data)  # a degenerate split fails now, naming the field
     name = opts.name or spec.name
     study_dir = Path(opts.storage).expanduser().resolve() / name
     if (study_dir / "study.json").exists():

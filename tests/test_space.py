@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import optuna
 import pytest
@@ -132,14 +133,43 @@ def test_jepa_core_searches_or_fixes_every_knob_with_a_reason():
     missing = sorted(leaves - searched - set(fixed))
     assert not missing, f"neither searched nor fixed in jepa_core: {missing}"
     assert not searched & set(fixed), "searched and fixed at once"
-    lines = path.read_text().splitlines()
-    for key in fixed:
-        leaf = key.rsplit(".", 1)[-1]
-        line = next(ln for ln in lines if ln.strip().startswith(f"{leaf}:"))
-        section = key.split(".")[0]
-        section_line = next(ln for ln in lines if ln.strip().startswith(f"{section}:"))
-        assert "#" in line or "#" in section_line, f"{key} is fixed without a reason"
+    reasons = _base_reasons(path.read_text())
+    assert set(reasons) == set(fixed)
+    unexplained = [k for k, why in reasons.items() if not why]
+    assert not unexplained, f"fixed in jepa_core without a reason: {unexplained}"
     # data.path is the study's input (--data); a run's name and provenance are bookkeeping
+
+
+def _base_reasons(text: str) -> dict[str, bool]:
+    """Each field fixed in a space's ``base`` -> whether a comment with words follows it on
+    its own line (after its value) or on the line of a section above it."""
+    lines = text.splitlines()
+
+    def says_why(line: int, column: int) -> bool:
+        return re.search(r"#\s*\S", lines[line][column:]) is not None
+
+    def walk(node: yaml.MappingNode, prefix: str, above: bool) -> dict[str, bool]:
+        found = {}
+        for key, value in node.value:
+            one_line = value.end_mark.line == key.start_mark.line
+            why = above or says_why(key.start_mark.line,
+                                    value.end_mark.column if one_line else key.end_mark.column)
+            if isinstance(value, yaml.MappingNode) and value.value:
+                found |= walk(value, f"{prefix}{key.value}.", why)
+            else:
+                found[f"{prefix}{key.value}"] = why
+        return found
+
+    base = next(v for k, v in yaml.compose(text).value if k.value == "base")
+    return walk(base, "", False)
+
+
+def test_base_reasons_reads_each_field_at_its_own_place():
+    text = ("seed: 3  # a top-level field of the same name\n"
+            "base:\n  train:\n    seed: 0  # why\n    lr: 0.1 #\n    name: '# not a comment'\n"
+            "  data:  # the study's input\n    split: dev\n    seed: 1\n")
+    assert _base_reasons(text) == {"train.seed": True, "train.lr": False, "train.name": False,
+                                   "data.split": True, "data.seed": True}
 
 
 def test_unknown_space_and_preset():
@@ -457,3 +487,36 @@ def test_space_and_searcher_pickle(tmp_path):
     restored = build_searcher(load_space("quick"))
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.suggest("b") == searcher.suggest("b")
+
+
+def test_a_space_extends_another(tmp_path):
+    """``extends`` merges a variant over a space: ``quick_unseen`` is ``quick`` with dev made of
+    unseen documents, and nothing else changed."""
+    quick, unseen = load_space("quick"), load_space("quick_unseen")
+    assert unseen.name == "quick_unseen" and unseen.base_config().data.dev_mode == "unseen_docs"
+    assert unseen.parameters == quick.parameters and unseen.num_samples == quick.num_samples
+    assert unseen.base_config().with_overrides({"data.dev_mode": "queries"}).to_dict() == \
+        quick.base_config().to_dict()
+    # a file of one's own: its keys win, mappings merge key by key; the name is its own
+    (tmp_path / "mine.yaml").write_text("extends: quick\nnum_samples: 3\n"
+                                        "base: {train: {epochs: 5}}\n")
+    mine = load_space(tmp_path / "mine.yaml")
+    assert (mine.name, mine.num_samples) == ("mine", 3)
+    assert mine.base_config().train.epochs == 5 and mine.base_config().train.patience == 6
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(SpaceError, match="a cycle"):
+        load_space(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(SpaceError, match=r"c.yaml: extends: .*nowhere: no such space"):
+        load_space(tmp_path / "c.yaml")
+
+
+def test_a_test_figure_is_never_a_study_metric(tmp_path):
+    for metric in ("best_test_ndcg_at_10", "test_ndcg_at_10", "test_unseen_ndcg_at_10"):
+        (tmp_path / "s.yaml").write_text(f"extends: quick\nmetric: {metric}\n")
+        with pytest.raises(SpaceError, match=f"metric: '{metric}' is a test figure"):
+            load_space(tmp_path / "s.yaml")
+    # and the trials of any space never score test
+    assert load_space("quick").trial_config(load_space("quick").points()[0]).eval.evaluate_test \
+        is False
