@@ -78,8 +78,11 @@ def arm_space(raw: dict[str, Any], arm: str) -> dict[str, Any]:
         base.setdefault("loss", {})["lambda_pred"] = 0.0
         base["loss"].setdefault("lambda_con", 1.0)  # searched; a valid base needs a term
         base.setdefault("model", {}).pop("query_head", None)
+    # a start point with the arm's always-on term off (L_pred alone, for the contrastive
+    # arm) has no counterpart in the arm: it is left out
     out["points_to_evaluate"] = [_arm_point(p, arm, new) for p in
-                                 raw.get("points_to_evaluate") or []]
+                                 raw.get("points_to_evaluate") or []
+                                 if not (isinstance(p, dict) and p.get(always_on) == 0)]
     out["description"] = (f"{ARM_TITLES[arm]} arm of {raw.get('name', 'the space')}: "
                           + str(raw.get("description", "")))
     return out

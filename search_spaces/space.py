@@ -329,13 +329,22 @@ class SpaceSpec(_Strict):
                 point[path] = 0
         return point
 
+    def with_first(self, first: list[dict[str, Any]]) -> "SpaceSpec":
+        """This space with the run configs ``first`` (``--warm-start``: earlier best configs)
+        as its first ``points_to_evaluate``, so that the searcher evaluates them before
+        anything else. Only the new points are checked (as ``load_space`` checks a point):
+        the rest of the space was validated when it was loaded."""
+        points = [self.config_point(c) for c in first]
+        spec = self.model_copy(update={"points_to_evaluate": points + self.points_to_evaluate})
+        for i, point in enumerate(points):
+            _check_point(spec, spec.base_config(), point, f"points_to_evaluate[{i}]")
+        return spec
+
     def to_yaml(self, first: list[dict[str, Any]] = ()) -> str:
         """The space as a study keeps it (``space.yaml``): every field spelled out, with the
-        run configs ``first`` (``--warm-start``: earlier best configs) as the first
-        ``points_to_evaluate``, so that the searcher evaluates them before anything else."""
-        raw = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        raw["points_to_evaluate"] = [self.config_point(c) for c in first] + \
-            raw["points_to_evaluate"]
+        run configs ``first`` as the first ``points_to_evaluate`` (see :meth:`with_first`)."""
+        raw = (self.with_first(first) if first else self).model_dump(
+            mode="json", by_alias=True, exclude_none=True)
         return f"# the space {self._source}, as the study searches it\n" + \
             yaml.safe_dump(raw, sort_keys=False)
 
@@ -433,6 +442,12 @@ def load_space(path_or_name: str | Path) -> SpaceSpec:
     path = space_file(path_or_name)
     source = path.name if path.parent == SPACES_DIR else str(path)
     return SpaceSpec.from_dict(_raw_space(path, source, ()), source)
+
+
+def raw_space(path_or_name: str | Path) -> dict[str, Any]:
+    """A space file's mapping as :func:`load_space` validates it (``extends`` merged in)."""
+    path = space_file(path_or_name)
+    return _raw_space(path, path.name if path.parent == SPACES_DIR else str(path), ())
 
 
 def _raw_space(path: Path, source: str, chain: tuple[Path, ...]) -> dict[str, Any]:
@@ -554,12 +569,16 @@ def _check_meaning(sp: SpaceSpec) -> None:
             raise fail("parameters", f"contradictory settings: trials like {params} give an "
                        f"invalid run config: {_reason(exc)}") from None
     for i, item in enumerate(sp.points_to_evaluate):
-        where = f"points_to_evaluate[{i}]"
-        params = sp._point(item, where)
-        try:
-            base.with_overrides(sp.resolve(params), where)
-        except ConfigError as exc:
-            raise fail(where, f"invalid run config {params}: {_reason(exc)}") from None
+        _check_point(sp, base, item, f"points_to_evaluate[{i}]")
+
+
+def _check_point(sp: SpaceSpec, base: RunConfig, item: str | dict[str, Any], where: str) -> None:
+    """A start point is one the space can suggest, and its trial's run config is valid."""
+    params = sp._point(item, where)
+    try:
+        base.with_overrides(sp.resolve(params), where)
+    except ConfigError as exc:
+        raise sp._fail(where, f"invalid run config {params}: {_reason(exc)}") from None
 
 
 def _reason(exc: ConfigError) -> str:

@@ -27,7 +27,7 @@ import yaml
 
 from analysis import schema as S
 from search_spaces.arms import ARMS, arm_space, retrain_config, systems
-from search_spaces.space import load_space, space_file
+from search_spaces.space import load_space, raw_space
 from study.launcher import StudyError, StudyOptions
 from study.tracking import StudyTracker
 
@@ -84,7 +84,7 @@ def answer(opts: AnswerOptions) -> dict[str, Any]:
     if len(set(names)) < len(names):
         raise StudyError(f"answer: two --data directories share a name: {names}")
     load_space(opts.space)  # the space is validated before anything runs
-    raw_space = yaml.safe_load(space_file(opts.space).read_text())
+    space = raw_space(opts.space)
     for d in data_dirs:
         load_beir(d)  # a bad dataset fails now, not after an hour of studies
     uri = opts.mlflow_uri or f"sqlite:///{root / 'mlflow.db'}"
@@ -98,7 +98,7 @@ def answer(opts: AnswerOptions) -> dict[str, Any]:
     for data_dir, ds in zip(data_dirs, names):
         for arm in ARMS:
             t0 = time.time()
-            chosen.setdefault(ds, {})[arm] = _arm_study(root, ds, arm, data_dir, raw_space,
+            chosen.setdefault(ds, {})[arm] = _arm_study(root, ds, arm, data_dir, space,
                                                         opts, uri)
             if chosen[ds][arm]["ran"]:
                 key = f"study {ds} {arm}"
@@ -129,14 +129,14 @@ def answer(opts: AnswerOptions) -> dict[str, Any]:
 
 # -- 1. the arms' studies --------------------------------------------------------------------
 
-def _arm_study(root: Path, ds: str, arm: str, data_dir: Path, raw_space: dict[str, Any],
+def _arm_study(root: Path, ds: str, arm: str, data_dir: Path, space: dict[str, Any],
                opts: AnswerOptions, uri: str) -> dict[str, Any]:
     """Runs (or resumes, or reuses) one arm's study; returns its best config as chosen."""
     from analysis.export import export_configs
     from study.launcher import launch, resume
     from trainables.config import RunConfig
 
-    raw = arm_space(raw_space, arm)
+    raw = arm_space(space, arm)
     if opts.num_samples is not None:
         raw["num_samples"] = opts.num_samples
     if opts.max_concurrent_trials is not None:

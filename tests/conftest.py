@@ -7,6 +7,7 @@ every later test and run reads them back.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,3 +47,35 @@ def pytest_collection_modifyitems(items):
     of the session with its asyncio loop marked running in the main thread (``asyncio.run``
     would refuse to run there)."""
     items.sort(key=lambda item: "page" in getattr(item, "fixturenames", ()))
+
+
+NFCORPUS = SCIFACT.parent / "nfcorpus"
+
+
+@pytest.fixture(scope="session")
+def small_beir(tmp_path_factory) -> Path:
+    """A small BEIR directory cut from NFCorpus: 30 queries of each split, every document
+    they judge plus others, up to 400 documents (encoded in seconds)."""
+    out = tmp_path_factory.mktemp("nfsmall") / "nfsmall"
+    (out / "qrels").mkdir(parents=True)
+    keep_q: set[str] = set()
+    judged: set[str] = set()
+    for split in ("train", "dev", "test"):
+        rows = (NFCORPUS / "qrels" / f"{split}.tsv").read_text().splitlines()
+        by_q: dict[str, list[str]] = {}
+        for line in rows[1:]:
+            q, d, rel = line.split("\t")
+            by_q.setdefault(q, []).append(line)
+        chosen = sorted(by_q)[:30]
+        lines = [rows[0]] + [ln for q in chosen for ln in by_q[q][:6]]
+        (out / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        keep_q |= set(chosen)
+        judged |= {ln.split("\t")[1] for ln in lines[1:]}
+    corpus = [json.loads(ln) for ln in (NFCORPUS / "corpus.jsonl").read_text().splitlines()]
+    docs = [d for d in corpus if d["_id"] in judged]
+    docs += [d for d in corpus if d["_id"] not in judged][:max(0, 400 - len(docs))]
+    (out / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    queries = [json.loads(ln) for ln in (NFCORPUS / "queries.jsonl").read_text().splitlines()]
+    (out / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries
+                                                 if q["_id"] in keep_q) + "\n")
+    return out

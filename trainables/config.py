@@ -202,6 +202,29 @@ class TrainConfig(_Strict):
         return self
 
 
+class CorpusPairsConfig(_Strict):
+    """How training pairs are made from the collection alone (``data.pairs`` corpus or both;
+    ``trainables.pairs``): the title, or random spans of a document's text, as the query
+    side and the whole document as the target. Seeded per document; no qrels are read."""
+
+    kinds: list[Literal["title", "span"]] = Field(
+        default_factory=lambda: ["title", "span"], min_length=1,
+        description="title -> document (where documents have titles), span -> document")
+    spans_per_doc: int = Field(1, ge=1, description="span draws per document")
+    span_min_words: int = Field(8, ge=1)
+    span_max_words: int = Field(32, ge=1)
+    seed: int = Field(0, description="seed of the span draws (not of training)")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "CorpusPairsConfig":
+        if self.span_min_words > self.span_max_words:
+            raise ValueError(f"span_min_words ({self.span_min_words}) > span_max_words "
+                             f"({self.span_max_words})")
+        if len(set(self.kinds)) < len(self.kinds):
+            raise ValueError(f"kinds {self.kinds}: each kind once")
+        return self
+
+
 class DataConfig(_Strict):
     """Where the data is and how it is split. ``path`` None: see ``data.resolve_data_dir``.
 
@@ -222,14 +245,30 @@ class DataConfig(_Strict):
                            "seeded)")
     dev_fraction: float = Field(0.2, gt=0, lt=1, description="dev_mode queries: the share of "
                                 "train queries carved as dev when the dataset has no dev split")
-    dev_mode: Literal["queries", "unseen_docs"] = Field(
+    dev_mode: Literal["queries", "unseen_docs", "corpus_pairs"] = Field(
         "queries", description="queries: dev is the dataset's dev split or carved train "
         "queries; unseen_docs: dev is the train queries whose positives all lie in a held-out "
         "share (dev_doc_fraction) of the train-positive documents, and no train pair points "
-        "to a held-out document (the dataset's own dev split is not used)")
+        "to a held-out document (the dataset's own dev split is not used); corpus_pairs: "
+        "dev is the corpus pairs (titles and one span, data.corpus_pairs' lengths and seed) "
+        "of a held-out share (dev_doc_fraction) of all documents, whose pairs leave training: "
+        "selection with no labels at all (data.pairs corpus)")
     dev_doc_fraction: float = Field(0.3, gt=0, lt=1, description="dev_mode unseen_docs: the "
-                                    "share of train-positive documents held out")
+                                    "share of train-positive documents held out; corpus_pairs: "
+                                    "the share of all documents")
     split_seed: int = 0
+    pairs: Literal["qrels", "corpus", "both"] = Field(
+        "qrels", description="what training pairs are: the train split's judged pairs; "
+        "pairs made from the corpus alone (data.corpus_pairs; no qrels are read for training); "
+        "or both")
+    corpus_pairs: CorpusPairsConfig = Field(default_factory=CorpusPairsConfig)
+
+    @model_validator(mode="after")
+    def _labels_for_corpus_pairs_dev(self) -> "DataConfig":
+        if self.dev_mode == "corpus_pairs" and self.pairs == "qrels":
+            raise ValueError("dev_mode corpus_pairs selects on pairs made from the corpus: "
+                             "set pairs to corpus or both")
+        return self
 
 
 def is_test_metric(name: str) -> bool:

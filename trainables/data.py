@@ -282,7 +282,19 @@ def make_splits(data: BeirData, *, train: str = "train", dev: str = "dev", test:
 
 
 def split_for(data: BeirData, cfg: Any) -> dict[str, dict[str, dict[str, int]]]:
-    """:func:`make_splits` with every setting from a run config's ``data`` section."""
+    """:func:`make_splits` with every setting from a run config's ``data`` section.
+
+    With ``dev_mode: corpus_pairs`` dev is made from the corpus where training is
+    (``trainables.loop.prepare``: here it is empty), and the labelled splits are optional:
+    a collection with no judgements has neither train nor test qrels (then they are empty,
+    every query counts as unseen and test is not scored).
+    """
+    if cfg.dev_mode == "corpus_pairs":
+        def labelled(name: str) -> dict[str, dict[str, int]]:
+            return _positive(data, name) if name in data.qrels else {}
+
+        return {"train": labelled(cfg.train_split), "dev": {},
+                "test": labelled(cfg.test_split)}
     return make_splits(data, train=cfg.train_split, dev=cfg.dev_split, test=cfg.test_split,
                        dev_fraction=cfg.dev_fraction, seed=cfg.split_seed,
                        dev_mode=cfg.dev_mode, dev_doc_fraction=cfg.dev_doc_fraction)

@@ -227,8 +227,71 @@ def prepare(cfg: RunConfig, data: BeirData | None = None,
     if features is None and (cfg.model.freeze_base or cfg.train.hard_negatives):
         features = load_or_compute(data, cfg.model.base_model, cfg.model.max_seq_length,
                                    progress=progress, device=str(device))
+    if cfg.data.pairs != "qrels":
+        data, splits, features = with_corpus_pairs(cfg, data, splits, features, device,
+                                                   progress)
     if features is not None:  # torch tensors on the run's device (a study ships numpy)
         features = features.to(device)
+    return data, splits, features
+
+
+#: spans per document whose features are encoded at least, so that runs asking for fewer
+#: (a study searching ``spans_per_doc``) share one cached encoding
+COVER_SPANS = 2
+
+
+def with_corpus_pairs(cfg: RunConfig, data: BeirData, splits: dict[str, Any],
+                      features: FeatureTables | None, device: torch.device | str = "cpu",
+                      progress: bool = False):
+    """Training pairs made from the corpus alone (``data.pairs`` corpus or both).
+
+    ``splits["fit"]`` becomes the pairs the run trains on: the corpus pairs of
+    ``data.corpus_pairs`` (with ``both``, plus the labelled train pairs); with ``dev_mode:
+    corpus_pairs`` a held-out share of the documents (``dev_doc_fraction``, ``split_seed``)
+    gives no training pair and its titles and first spans are dev. The labelled train split
+    stays ``splits["train"]``: it defines the seen and unseen test queries, so that figures
+    compare across training modes. ``data`` gains the pseudo-queries' texts (a trained
+    base encodes them), ``features`` their cached base features (a frozen base reads them).
+    No qrels are read here.
+    """
+    import dataclasses
+
+    from trainables.cache import load_or_compute_texts
+    from trainables.pairs import KINDS, CorpusPairSettings, make_corpus_pairs, split_documents
+
+    c = cfg.data.corpus_pairs
+    settings = CorpusPairSettings(kinds=tuple(c.kinds), spans_per_doc=c.spans_per_doc,
+                                  span_min_words=c.span_min_words,
+                                  span_max_words=c.span_max_words, seed=c.seed)
+    kept, held = list(data.doc_ids), []
+    if cfg.data.dev_mode == "corpus_pairs":
+        kept, held = split_documents(data.doc_ids, cfg.data.dev_doc_fraction,
+                                     cfg.data.split_seed)
+    fit = make_corpus_pairs(data.corpus, settings, kept)
+    splits = dict(splits)
+    splits["fit"] = dict(fit.qrels)
+    if cfg.data.pairs == "both":
+        splits["fit"].update(splits["train"])
+    texts = dict(fit.queries)
+    if held:  # a fixed dev, whatever kinds and spans a run trains on
+        dev = make_corpus_pairs(data.corpus, dataclasses.replace(
+            settings, kinds=KINDS, spans_per_doc=1), held)
+        splits["dev"] = dev.qrels
+        texts.update(dev.queries)
+    if not splits["fit"]:
+        raise ValueError(f"data.corpus_pairs {settings.key()} makes no training pair from "
+                         f"{data.root}: no titles or texts to cut spans from")
+    if features is not None:
+        cover = dataclasses.replace(settings, kinds=KINDS,
+                                    spans_per_doc=max(settings.spans_per_doc, COVER_SPANS))
+        every = make_corpus_pairs(data.corpus, cover)
+        ids, feats = load_or_compute_texts(
+            f"{data.root.name}/corpus-pairs", every.queries, cfg.model.base_model,
+            cfg.model.max_seq_length, key_extra=f"data={data.fingerprint()};{cover.key()}",
+            device=str(device), progress=progress, as_numpy=isinstance(
+                features.query_features, np.ndarray))
+        features = features.with_queries(ids, feats)
+    data = dataclasses.replace(data, queries={**data.queries, **texts})
     return data, splits, features
 
 
@@ -270,9 +333,10 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     # -- DATA
     # features land on the device once (a few MB), not as a host copy per batch
     data, splits, features = prepare(cfg, data, features, progress and rank == 0, device)
-    pairs = training_pairs(splits["train"])
-    relevant = {q: {d for d, rel in docs.items() if rel > 0} for q, docs in splits["train"].items()}
-    negatives = (mine_hard_negatives(features, splits["train"], cfg.train.hard_negatives,
+    fit = splits.get("fit", splits["train"])  # corpus pairs (data.pairs), else train qrels
+    pairs = training_pairs(fit)
+    relevant = {q: {d for d, rel in docs.items() if rel > 0} for q, docs in fit.items()}
+    negatives = (mine_hard_negatives(features, fit, cfg.train.hard_negatives,
                                      cfg.model.similarity, **search_options(cfg))
                  if cfg.train.hard_negatives else None)
     cached = cfg.model.freeze_base

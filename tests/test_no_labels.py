@@ -1,0 +1,105 @@
+"""Training on pairs made from the corpus alone (``data.pairs``), selected on labelled dev or
+on held-out corpus pairs (``data.dev_mode: corpus_pairs``), on a small NFCorpus cut."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trainables.config import ConfigError, RunConfig
+from trainables.data import load_beir
+from trainables.loop import prepare, train
+from trainables.pairs import CorpusPairSettings, make_corpus_pairs
+
+
+def _cfg(data: Path, **overrides) -> RunConfig:
+    base = {"data.path": str(data), "data.pairs": "corpus", "model.freeze_base": True,
+            "loss.lambda_pred": 1.0, "loss.lambda_con": 0.0, "loss.stopgrad": True,
+            "train.epochs": 2, "train.batch_size": 32, "train.max_steps_per_epoch": 5,
+            "eval.score_with": "auto"}
+    return RunConfig().with_overrides({**base, **overrides})
+
+
+def test_corpus_pairs_are_the_only_training_pairs(small_beir):
+    """With ``data.pairs: corpus`` the run trains on exactly the corpus pairs: no query of any
+    qrels split, no judged pair."""
+    cfg = _cfg(small_beir)
+    data, splits, features = prepare(cfg, progress=False)
+    want = make_corpus_pairs(load_beir(small_beir).corpus, CorpusPairSettings())
+    assert splits["fit"] == want.qrels
+    judged = {q for split in ("train", "dev", "test") for q in load_beir(small_beir).qrels[split]}
+    assert not set(splits["fit"]) & judged
+    # the pseudo-queries' texts and base features are there for the loop to read
+    some = sorted(splits["fit"])[:3]
+    assert [data.queries[q] for q in some] == [want.queries[q] for q in some]
+    assert features.queries(some).shape == (3, features.dim)
+    # dev stays the labelled one (selection on labels: "trained without labels, selected on
+    # N labelled dev queries"); the seen/unseen split still refers to the labelled train split
+    assert splits["dev"] == {q: d for q, d in load_beir(small_beir).qrels["dev"].items()
+                             if any(r > 0 for r in d.values())}
+    both = prepare(_cfg(small_beir, **{"data.pairs": "both"}), progress=False)[1]["fit"]
+    assert set(both) == set(want.qrels) | set(splits["train"])
+
+
+def test_a_corpus_run_never_reads_the_train_qrels(small_beir, tmp_path):
+    """Selected on held-out corpus pairs, a corpus-mode run trains the same model whatever the
+    train qrels say: they are read for nothing but the seen/unseen split of test."""
+    other = tmp_path / "other"
+    shutil.copytree(small_beir, other)
+    lines = (other / "qrels" / "train.tsv").read_text().splitlines()
+    docs = [json.loads(ln)["_id"] for ln in (other / "corpus.jsonl").read_text().splitlines()]
+    shuffled = [lines[0]] + [f"{ln.split(chr(9))[0]}\t{docs[i % len(docs)]}\t1"
+                             for i, ln in enumerate(lines[1:])]
+    (other / "qrels" / "train.tsv").write_text("\n".join(shuffled) + "\n")
+    runs = []
+    for root in (small_beir, other):
+        cfg = _cfg(root, **{"data.dev_mode": "corpus_pairs", "data.dev_doc_fraction": 0.2})
+        runs.append(train(cfg, out_dir=tmp_path / root.name, progress=False))
+    first, second = runs
+    assert [m["train_loss"] for m in first["history"]] == [m["train_loss"]
+                                                           for m in second["history"]]
+    assert first["best_dev_ndcg_at_10"] == second["best_dev_ndcg_at_10"]
+    assert first["test_per_query"] == second["test_per_query"]  # the same model
+    # ...but the seen/unseen split follows each one's labels
+    assert first["test"]["test_n_seen"] != second["test"]["test_n_seen"]
+    # selection without labels: dev is the held-out documents' titles and first spans
+    _, splits, _ = prepare(_cfg(small_beir, **{"data.dev_mode": "corpus_pairs",
+                                               "data.dev_doc_fraction": 0.2}), progress=False)
+    dev_docs = {d for docs in splits["dev"].values() for d in docs}
+    fit_docs = {d for docs in splits["fit"].values() for d in docs}
+    assert dev_docs and not dev_docs & fit_docs
+    assert all(q.startswith(("title::", "span::")) for q in splits["dev"])
+    assert len(dev_docs) == round(0.2 * len(docs))
+
+
+def test_every_loss_trains_on_corpus_pairs(small_beir, tmp_path):
+    """L_pred with stop-gradient alone (no negatives), InfoNCE with in-batch negatives,
+    isotropy, their mix, and hard negatives mined from the corpus pairs."""
+    cases = {
+        "pred_only": {"loss.lambda_pred": 1.0},
+        "contrastive": {"loss.lambda_pred": 0.0, "loss.lambda_con": 1.0,
+                        "eval.score_with": "query"},
+        "mix_sigreg": {"loss.lambda_con": 0.5, "loss.lambda_iso": 0.01,
+                       "loss.isotropy": "sigreg"},
+        "hard_negatives": {"loss.lambda_con": 1.0, "train.hard_negatives": 2},
+    }
+    for name, overrides in cases.items():
+        result = train(_cfg(small_beir, **overrides), out_dir=tmp_path / name,
+                       progress=False)
+        last = result["history"][-1]
+        assert math.isfinite(last["train_loss"]) and math.isfinite(last["dev_ndcg_at_10"]), name
+        assert 0 < result["test"]["test_ndcg_at_10"] <= 1, name
+
+
+def test_corpus_pair_settings_are_checked():
+    with pytest.raises(ConfigError, match="span_min_words"):
+        RunConfig().with_overrides({"data.corpus_pairs.span_min_words": 40,
+                                    "data.corpus_pairs.span_max_words": 10})
+    with pytest.raises(ConfigError, match="dev_mode corpus_pairs selects on pairs"):
+        RunConfig().with_overrides({"data.dev_mode": "corpus_pairs"})
+    with pytest.raises(ConfigError, match="kinds"):
+        RunConfig().with_overrides({"data.corpus_pairs.kinds": ["query"]})
