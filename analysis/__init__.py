@@ -10,8 +10,11 @@ The public names are re-exported here lazily (PEP 562): ``study/tracking.py`` im
   ``optimisation_history`` and the figures
 * :mod:`analysis.report` - ``write_report``, ``log_report``
 * :mod:`analysis.export` - ``export_configs``, ``load_warm_start``
-* :mod:`analysis.stats` - paired tests over queries, the two-level bootstrap, Holm
-* :mod:`analysis.answer` - the answer's comparisons, table, verdicts and renderings
+* :mod:`analysis.stats` - tests over queries, the two-level bootstrap, TOST, families (Holm,
+  adjusted intervals, verdicts), pooled endpoints, power
+* :mod:`analysis.answer` - the answer's data model, pre-registered comparisons and tables
+* :mod:`analysis.answer_render` - its verdicts and findings, as Markdown, HTML and JSON
+* :mod:`analysis.registry` - a trained model into MLflow's registry (sentence-transformers)
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ _EXPORTS = {
               "pareto_front", "pareto_plot", "stop_reasons", "top_k"],
     "report": ["Report", "SECTIONS", "log_report", "render_report", "write_report"],
     "export": ["export_configs", "load_warm_start"],
-    "stats": ["Comparison", "bootstrap_ci", "compare", "compare_all", "holm", "paired_t",
-              "per_query_matrix", "permutation_test"],
-    "answer": ["Measured", "Run", "System", "answer_dict", "comparisons", "markdown",
-               "system_rows", "verdicts"],
+    "stats": ["VERDICTS", "Comparison", "Equivalence", "HypothesisResult", "PooledEndpoint",
+              "bootstrap_ci", "compare", "compare_all", "equivalence_test", "holm",
+              "paired_t", "per_query_matrix", "permutation_test", "pooled_endpoint",
+              "power_from_interval"],
+    "answer": ["COMPARISONS", "FAMILIES", "Measured", "Run", "Search", "Side", "Spec", "System",
+               "answer_dict", "best_search", "comparisons", "plan_rows", "search_rows",
+               "system_rows"],
+    "registry": ["log_and_register", "registered_model_name"],
+    "answer_render": ["describe_budget", "describe_config", "dumps", "findings", "html_report",
+                      "markdown", "verdicts"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -1,68 +1,203 @@
-"""The answer's table: does the JEPA predictor help retrieval? Statistics and renderings.
+"""The answer's tables: does the JEPA predictor help retrieval? Statistics, verdicts, findings.
 
-Input is what ``jepa-study answer`` measured (:class:`Measured`): per dataset, the retrained
-runs of each system (config x seed), each with its per-query test nDCG@10 under both scorings
-and, for transfer, on the other collections; plus the reference rows (zero-shot base, BM25).
-Output is one table a reader can trust: per dataset and system the mean and spread over
-seeds, and per comparison the difference in nDCG points, a 95 % two-level bootstrap interval
-(seeds, then queries), a paired t test and a sign-flip permutation test over queries, each
-Holm-corrected across the comparisons of its family (in-domain; transfer).
+Input is what ``jepa-study answer`` measured, one :class:`Measured` per dataset: each search
+of each arm (:class:`Search`, the *search spread*), the retrained runs of each system
+(:class:`System` of :class:`Run`, per-query test nDCG@10 under both scorings and on the other
+collections), the reference rows (zero-shot, BM25, document prior), the seen/unseen test
+queries (``trainables.subsets``) and, optionally, cross-fitted per-query figures.
 
-The comparisons, each against the best JEPA config J scored as dev chose:
+The systems (any may be missing; its comparisons are then skipped and noted in the design):
 
-* ``vs tuned contrastive``: the best config of the contrastive arm (λ_pred = 0, its own
-  knobs searched at the same effort);
-* ``vs capacity-matched``: J with λ_pred = 0 and a query-side head of the predictor's exact
-  shape, trained contrastively: the predictor's extra capacity without the predictive term;
-* ``vs no L_pred``: J with λ_pred = 0 and nothing else changed;
-* ``predictor vs query scoring``: J's own runs scored with the predictor's output and with
-  the query embedding.
+* ``jepa`` (J): every JEPA search's best config, each over the fresh seeds (``Run.search``
+  says which search); J* is the best search's by dev.
+* ``contrastive`` (C): likewise for the contrastive arm; C* is its best search's.
+* ``c_pred`` (C+pred): C* with the predictor added (λ_pred and shape chosen on dev), over
+  C*'s seeds.
+* ``capacity`` / ``no_pred``: J* with λ_pred = 0, with / without a query head of the
+  predictor's shape, over J*'s seeds.
+* ``nolabel_jepa`` / ``nolabel_contrastive``: the arms' best configs trained on pairs made
+  from the corpus alone (one search each), over seeds.
 
-Test figures enter here only: every choice before (configs, epochs, scoring) was made on dev.
+Which search is the best is read from ``design["best_search"]`` (``{system: search index}``,
+e.g. ``{"jepa": 1, "contrastive": 0}``); where a system is not named there, the search of
+that arm with the highest ``best_dev`` in ``Measured.searches``, else the runs' only search.
+
+The pre-registered comparisons are :data:`COMPARISONS`; :data:`FAMILIES` says how they are
+grouped for multiplicity (Holm p's and Bonferroni-adjusted intervals within a family, the
+verdict word following the adjusted interval and the TOST at ±1 point:
+:func:`analysis.stats.compare_all`). Units: a *recipe-level* side is the set of its searches,
+each row the mean over that search's seeds (a recipe is its search, not one lucky draw;
+a system with a single search falls back to its seeds); a *best* side is the best search's
+runs, one row a seed; a reference is one row (resampled over queries only). Paired sides
+are aligned by seed (by search and seed where a system is compared with itself), and
+seeds only one side has are left out, with a note.
+
+Test figures enter here only: every choice before (configs, epochs, scoring, the best
+search) was made on dev. The sentences and renderings are in :mod:`analysis.answer_render`.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from analysis.stats import Comparison, compare_all, per_query_matrix
+from analysis.answer_render import (describe_budget, describe_config, dumps, findings,
+                                    html_report, markdown, prior_clauses, verdicts)
+from analysis.stats import compare_all, per_query_matrix
 
-#: the systems retrained over seeds, in table order, and what each is
+__all__ = ["COMPARISONS", "FAMILIES", "Measured", "Run", "Search", "Side", "Spec", "System",
+           "answer_dict", "best_search", "comparisons", "plan_rows", "search_rows",
+           "system_rows",
+           # re-exported from analysis.answer_render
+           "describe_budget", "describe_config", "dumps", "findings", "html_report",
+           "markdown", "verdicts"]
+
+#: the trained systems, in table order, and what each is
 SYSTEMS = {
-    "jepa": "best JEPA config J (L_pred on), scored as dev chose",
-    "contrastive": "best contrastive config (λ_pred = 0, tuned at equal effort)",
-    "capacity": "J with λ_pred = 0 and a query head of the predictor's shape",
-    "no_pred": "J with λ_pred = 0, nothing else changed",
+    "jepa": "J: every JEPA search's best config (L_pred on), over seeds",
+    "contrastive": "C: every contrastive search's best config (λ_pred = 0), over seeds",
+    "c_pred": "C+pred: C* with the predictor added (λ_pred and shape by dev)",
+    "capacity": "J* with λ_pred = 0 and a query head of the predictor's shape",
+    "no_pred": "J* with λ_pred = 0, nothing else changed",
+    "nolabel_jepa": "no-label J: the JEPA arm's best, trained on corpus pairs only",
+    "nolabel_contrastive": "no-label C: the contrastive arm's best, on corpus pairs only",
 }
-REFERENCES = {"zero_shot": "zero-shot base encoder (cosine)", "bm25": "BM25 (bm25s)"}
-#: (name, system A, scoring of A or None for its own, system B, scoring of B or None)
-COMPARISONS = [
-    ("jepa vs tuned contrastive", "jepa", None, "contrastive", None),
-    ("jepa vs capacity-matched", "jepa", None, "capacity", None),
-    ("jepa vs no L_pred", "jepa", None, "no_pred", None),
-    ("predictor vs query scoring of J", "jepa", "predictor", "jepa", "query"),
-]
+#: the reference rows, in table order
+REFERENCES = {
+    "zero_shot": "zero-shot base encoder (cosine), no training",
+    "bm25": "BM25 (bm25s), no training",
+    "doc_prior": "zero-shot + β·log(1 + times a document was a train positive), β by dev",
+}
+SUBSETS = ("seen", "unseen")
 
+#: The families, in report order: name -> what the family answers.
+FAMILIES = {
+    "primary": "primary endpoints: the mean over datasets of the per-dataset differences",
+    "primary_per_dataset": "the primary comparisons on each dataset",
+    "diagnostic": "why: J's scorings, J* without L_pred or with its capacity, transfer",
+    "subsets": "seen and unseen test queries; the trained systems against the doc prior",
+    "no_labels": "trained on the corpus alone (no labels)",
+    "crossfit": "cross-fitted train ∪ test queries, each scored by a model trained "
+                "without it (apart from the BEIR test figures)",
+}
+
+# How a side's rows are chosen (Side.select).
+RECIPE = "recipe"        # every search: a row is a search's mean over its seeds
+BEST = "best"            # the best search's runs: a row is a seed
+RUNS = "runs"            # every run: a row is a seed (or a search and seed)
+REFERENCE = "reference"  # one reference row
+CROSSFIT = "crossfit"    # Measured.crossfit[system]: a row is a seed
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison.
+
+    Attributes:
+        source: A system name, or a reference name for ``select == "reference"``.
+        select: ``recipe``, ``best``, ``runs``, ``reference`` or ``crossfit`` (above).
+        scoring: ``query`` or ``predictor``; None for the one dev chose for each run.
+        label: Its short name in the tables (``J``, ``C*``, ``zero-shot``).
+    """
+
+    source: str
+    select: str = RUNS
+    scoring: str | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A pre-registered comparison.
+
+    Attributes:
+        name: Its name in the tables.
+        family: Family of its rows on all queries; rows on the seen/unseen subsets go to
+            ``subsets``, and a ``pooled`` comparison's per-dataset rows to
+            ``primary_per_dataset`` (its pooled row is in ``primary``).
+        a, b: The sides; the difference is A - B.
+        paired: Seeds paired (the same seed's init and batches, or the same run).
+        on: ``test``, ``transfer`` (each other collection) or ``crossfit``.
+        subsets: Query sets: ``all``, ``seen``, ``unseen``.
+        pooled: Also pooled over datasets (the primary endpoint).
+    """
+
+    name: str
+    family: str
+    a: Side
+    b: Side
+    paired: bool = False
+    on: str = "test"
+    subsets: tuple[str, ...] = ("all",)
+    pooled: bool = False
+
+
+_J = Side("jepa", RECIPE, label="J")
+_C = Side("contrastive", RECIPE, label="C")
+_JS = Side("jepa", BEST, label="J*")
+_CS = Side("contrastive", BEST, label="C*")
+_CP = Side("c_pred", BEST, label="C+pred")
+_ZS = Side("zero_shot", REFERENCE, label="zero-shot")
+_DP = Side("doc_prior", REFERENCE, label="doc prior")
+_NJ = Side("nolabel_jepa", BEST, label="no-label J")
+_NC = Side("nolabel_contrastive", BEST, label="no-label C")
+_ALL3 = ("all", "seen", "unseen")
+
+#: The pre-registered comparisons, in report order.
+COMPARISONS: tuple[Spec, ...] = (
+    Spec("J vs tuned contrastive", "primary", _J, _C, subsets=_ALL3, pooled=True),
+    Spec("C+pred vs C", "primary", _CP, _CS, paired=True, subsets=_ALL3, pooled=True),
+    Spec("predictor vs query scoring of J", "diagnostic",
+         Side("jepa", RUNS, "predictor", "J (predictor)"),
+         Side("jepa", RUNS, "query", "J (query)"), paired=True),
+    Spec("J* vs no L_pred", "diagnostic", _JS, Side("no_pred", RUNS, label="J* λ_pred=0"),
+         paired=True),
+    Spec("J* vs capacity-matched", "diagnostic", _JS,
+         Side("capacity", RUNS, label="J* λ_pred=0 + head"), paired=True),
+    Spec("J vs tuned contrastive (transfer)", "diagnostic", _J, _C, on="transfer"),
+    Spec("J* vs doc prior", "subsets", _JS, _DP, subsets=SUBSETS),
+    Spec("C* vs doc prior", "subsets", _CS, _DP, subsets=SUBSETS),
+    Spec("J* vs zero-shot", "subsets", _JS, _ZS, subsets=SUBSETS),
+    Spec("no-label J vs no-label C", "no_labels", _NJ, _NC, subsets=_ALL3),
+    Spec("no-label J vs zero-shot", "no_labels", _NJ, _ZS, subsets=_ALL3),
+    Spec("no-label C vs zero-shot", "no_labels", _NC, _ZS, subsets=_ALL3),
+    Spec("J* vs C* (cross-fitted)", "crossfit", Side("jepa", CROSSFIT, label="J*"),
+         Side("contrastive", CROSSFIT, label="C*"), on="crossfit"),
+    Spec("C+pred vs C* (cross-fitted)", "crossfit", Side("c_pred", CROSSFIT, label="C+pred"),
+         Side("contrastive", CROSSFIT, label="C*"), paired=True, on="crossfit"),
+)
+
+
+# -- the data model ----------------------------------------------------------------------------
 
 @dataclass
 class Run:
-    """One retrained run: its seed, dev figure, and per-query test nDCG@10 by scoring."""
+    """One retrained run of a system.
+
+    Attributes:
+        seed: Its fresh training seed.
+        search: Which search's best config it retrains (0 where a system has one config).
+        dev: Its best dev nDCG@10.
+        best_epoch: The epoch kept.
+        per_query: Scoring (``query``/``predictor``) -> {query id: test nDCG@10}.
+        transfer: Other collection -> scoring -> {query id: nDCG@10}.
+        scoring: The scoring dev chose for this run's config; None: the system's.
+    """
 
     seed: int
-    dev: float
-    best_epoch: int
-    per_query: dict[str, dict[str, float]]  #: scoring -> {qid: nDCG@10}
+    search: int = 0
+    dev: float = math.nan
+    best_epoch: int = 0
+    per_query: dict[str, dict[str, float]] = field(default_factory=dict)
     transfer: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    #: other collection -> scoring -> {qid: nDCG@10}
+    scoring: str | None = None
 
 
 @dataclass
 class System:
-    """A config retrained over seeds; ``scoring`` is the one dev chose for it."""
+    """A system's runs; ``scoring`` is the one dev chose (a run's own ``scoring`` wins)."""
 
     name: str
     scoring: str
@@ -70,251 +205,447 @@ class System:
 
 
 @dataclass
+class Search:
+    """One search of one arm (``jepa``, ``contrastive``, ``nolabel_jepa``,
+    ``nolabel_contrastive``, ``c_pred``): its dev result; ``config`` is
+    :func:`describe_config`'s text of its best."""
+
+    arm: str
+    index: int
+    searcher_seed: int | None
+    trials: int | None
+    best_trial: str | None
+    best_dev: float
+    best_epoch: int | None
+    scoring: str
+    config: str
+
+
+@dataclass
 class Measured:
-    """Everything the answer measured on one dataset."""
+    """Everything the answer measured on one dataset.
+
+    Attributes:
+        dataset: Its name.
+        systems: Name -> :class:`System` (names as in :data:`SYSTEMS`).
+        references: ``zero_shot``, ``bm25``, ``doc_prior`` -> {query id: test nDCG@10}.
+        subsets: ``{"seen": [ids], "unseen": [ids]}`` of the test split; empty: the
+            seen/unseen rows are skipped (noted).
+        design: Shown in the design section; ``best_search`` ({system: search index})
+            names each arm's best search by dev.
+        searches: Every search of every arm.
+        crossfit: System -> {str(seed): {query id: nDCG@10}} over train ∪ test queries,
+            each scored by a model trained without it; None: no cross-fitted table.
+    """
 
     dataset: str
     systems: dict[str, System]
-    references: dict[str, dict[str, float]]  #: name -> {qid: nDCG@10}
+    references: dict[str, dict[str, float]]
+    subsets: dict[str, list[str]] = field(default_factory=dict)
     design: dict[str, Any] = field(default_factory=dict)
+    searches: list[Search] = field(default_factory=list)
+    crossfit: dict[str, dict[str, dict[str, float]]] | None = None
 
 
-def _matrix(system: System, scoring: str | None, target: str | None = None):
-    """``[seeds, queries]`` per-query nDCG@10 of a system (on ``target``: a transfer set)."""
-    scoring = scoring or system.scoring
-    rows = [r.per_query[scoring] if target is None else r.transfer[target][scoring]
-            for r in system.runs]
-    return per_query_matrix(rows)
+def _scoring(system: System, run: Run, scoring: str | None = None) -> str:
+    return scoring or run.scoring or system.scoring
 
 
-def comparisons(measured: list[Measured], **kwargs: Any) -> dict[str, list[dict[str, Any]]]:
-    """Every comparison of every dataset, in-domain and transfer, each family Holm-corrected.
-
-    Returns:
-        ``{"in_domain": [...], "transfer": [...]}``; each row is a :class:`Comparison` dict
-        plus ``dataset`` (and ``target`` for transfer rows).
-    """
-    families: dict[str, dict[str, tuple[Any, Any]]] = {"in_domain": {}, "transfer": {}}
-    labels: dict[str, dict[str, dict[str, str]]] = {"in_domain": {}, "transfer": {}}
-    for m in measured:
-        targets = sorted({t for s in m.systems.values() for r in s.runs for t in r.transfer})
-        for name, sa, ka, sb, kb in COMPARISONS:
-            if sa not in m.systems or sb not in m.systems:
-                continue  # a control that could not be built (said in the design)
-            a, b = m.systems[sa], m.systems[sb]
-            key = f"{m.dataset}: {name}"
-            families["in_domain"][key] = (_matrix(a, ka)[0], _matrix(b, kb)[0])
-            labels["in_domain"][key] = {"dataset": m.dataset, "comparison": name}
-            for target in targets:
-                tkey = f"{m.dataset} -> {target}: {name}"
-                families["transfer"][tkey] = (_matrix(a, ka, target)[0],
-                                              _matrix(b, kb, target)[0])
-                labels["transfer"][tkey] = {"dataset": m.dataset, "target": target,
-                                            "comparison": name}
-    out: dict[str, list[dict[str, Any]]] = {}
-    for family, pairs in families.items():
-        rows: list[Comparison] = compare_all(pairs, **kwargs) if pairs else []
-        out[family] = [{**labels[family][r.name], **r.to_dict()} for r in rows]
-    return out
+def _values(system: System, run: Run, scoring: str | None = None,
+            target: str | None = None) -> dict[str, float] | None:
+    """A run's per-query figures (on ``target``: a transfer collection); None if absent."""
+    source = run.per_query if target is None else run.transfer.get(target, {})
+    return source.get(_scoring(system, run, scoring))
 
 
-def system_rows(measured: list[Measured]) -> list[dict[str, Any]]:
-    """Per dataset and system: the mean and seed spread of test nDCG@10 (its own scoring and
-    both), mean dev, and the reference rows; transfer means beside."""
+def best_search(m: Measured, system: str) -> int | None:
+    """The index of ``system``'s best search by dev (see the module docstring)."""
+    named = (m.design.get("best_search") or {}).get(system)
+    if named is not None:
+        return int(named)
+    searches = [s for s in m.searches if s.arm == system]
+    if searches:
+        return max(searches, key=lambda s: s.best_dev).index
+    found = {r.search for r in m.systems[system].runs} if system in m.systems else set()
+    return found.pop() if len(found) == 1 else None
+
+
+# -- the comparisons ---------------------------------------------------------------------------
+
+Units = dict[Any, dict[str, float]]
+
+
+def _side_units(m: Measured, side: Side, target: str | None) -> tuple[Units, str] | str:
+    """A side's rows as {unit key: {qid: value}} and the unit's word, or why it has none."""
+    if side.select == REFERENCE:
+        if side.source not in m.references:
+            return f"no {side.source} reference row"
+        return {"reference": m.references[side.source]}, "reference"
+    if side.select == CROSSFIT:
+        per_seed = (m.crossfit or {}).get(side.source)
+        if not per_seed:
+            return f"no cross-fitted {side.source} runs"
+        return {int(s) if str(s).isdigit() else s: v for s, v in per_seed.items()}, "seeds"
+    system = m.systems.get(side.source)
+    if system is None or not system.runs:
+        return f"no {side.source} system"
+    runs = system.runs
+    if side.select == BEST:
+        best = best_search(m, side.source)
+        if best is None:
+            return (f"no best search known for {side.source}: name it in "
+                    f"design['best_search'] or give its searches")
+        runs = [r for r in runs if r.search == best]
+        if not runs:
+            return f"no runs of {side.source}'s best search ({best})"
+    values = []
+    for r in runs:
+        v = _values(system, r, side.scoring, target)
+        if v is None:
+            return (f"{side.source} seed {r.seed} has no {_scoring(system, r, side.scoring)}"
+                    f"-scored figures" + (f" on {target}" if target else ""))
+        values.append((r, v))
+    searches = sorted({r.search for r, _ in values})
+    if side.select == RECIPE and len(searches) > 1:
+        return {("search", s): _mean_dict([v for r, v in values if r.search == s])
+                for s in searches}, "searches"
+    keyed: Units = {}
+    for r, v in values:
+        key = r.seed if len(searches) == 1 else (r.search, r.seed)
+        if key in keyed:
+            raise ValueError(f"{m.dataset}: {side.source} has two runs of seed {r.seed} in "
+                             f"search {r.search}")
+        keyed[key] = v
+    return keyed, "seeds" if len(searches) == 1 else "runs"
+
+
+def _mean_dict(per_run: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The per-query mean over runs, on the queries every run scored."""
+    qids = set.intersection(*(set(v) for v in per_run))
+    return {q: sum(v[q] for v in per_run) / len(per_run) for q in qids}
+
+
+@dataclass
+class _Built:
+    a: list[dict[str, float]]
+    b: list[dict[str, float]]
+    unit_a: str
+    unit_b: str
+    qids: list[str]
+    notes: list[str]
+
+
+def _build(m: Measured, spec: Spec, target: str | None) -> _Built | str:
+    """The two sides' rows, aligned for a paired spec, on their common queries."""
+    sides = []
+    for side in (spec.a, spec.b):
+        got = _side_units(m, side, target)
+        if isinstance(got, str):
+            return got
+        sides.append(got)
+    (ua, wa), (ub, wb) = sides
+    notes = []
+    if spec.paired:
+        common = sorted(set(ua) & set(ub), key=str)
+        if not common:
+            return "no seed in common for the paired comparison"
+        dropped = sorted(set(ua) ^ set(ub), key=str)
+        if dropped:
+            notes.append(f"unpaired seeds left out: {dropped}")
+        a, b = [ua[k] for k in common], [ub[k] for k in common]
+    else:
+        a, b = [ua[k] for k in sorted(ua, key=str)], [ub[k] for k in sorted(ub, key=str)]
+    every = a + b
+    qids = set.intersection(*(set(v) for v in every))
+    left_out = len(set().union(*every)) - len(qids)
+    if left_out:
+        notes.append(f"{left_out} queries not scored by every row left out")
+    return _Built(a, b, wa, wb, sorted(qids), notes)
+
+
+def _targets(m: Measured, spec: Spec) -> list[str | None]:
+    """The transfer collections a transfer spec is measured on; [None] otherwise."""
+    if spec.on != "transfer":
+        return [None]
+    found = {t for side in (spec.a, spec.b) if side.source in m.systems
+             for r in m.systems[side.source].runs for t in r.transfer}
+    return sorted(found) or [None]
+
+
+@dataclass
+class _Row:
+    """One comparison of one dataset, ready for its family."""
+
+    family: str
+    key: str
+    pair: tuple[Any, Any]
+    paired: bool
+    label: dict[str, Any]
+
+
+def _dataset_rows(m: Measured, spec: Spec, notes: list[str]) -> list[_Row]:
+    """A spec's comparisons on one dataset (each target, each query subset); what had to
+    be skipped goes to ``notes``."""
+    if spec.on == "crossfit" and m.crossfit is None:
+        return []  # the optional table: nothing to note
     rows = []
-    for m in measured:
-        for name, s in m.systems.items():
-            by_seed = {k: [_mean(r.per_query[k]) for r in s.runs] for k in ("query", "predictor")}
-            own = by_seed[s.scoring]
-            row = {"dataset": m.dataset, "system": name, "what": SYSTEMS.get(name, name),
-                   "scoring": s.scoring, "seeds": [r.seed for r in s.runs],
-                   "test_mean": _avg(own), "test_seed_std": _std(own),
-                   "test_query_mean": _avg(by_seed["query"]),
-                   "test_predictor_mean": _avg(by_seed["predictor"]),
-                   "dev_mean": _avg([r.dev for r in s.runs]),
-                   "best_epochs": [r.best_epoch for r in s.runs]}
-            for target in sorted({t for r in s.runs for t in r.transfer}):
-                row[f"transfer_{target}_mean"] = _avg(
-                    [_mean(r.transfer[target][s.scoring]) for r in s.runs])
-            rows.append(row)
-        for name, per_query in m.references.items():
-            rows.append({"dataset": m.dataset, "system": name, "what": REFERENCES.get(name, name),
-                         "scoring": "-", "seeds": [], "test_mean": _mean(per_query),
-                         "test_seed_std": math.nan})
+    for target in _targets(m, spec):
+        where = spec.name + (f" on {target}" if target else "")
+        built = ("no transfer collection scored" if spec.on == "transfer" and target is None
+                 else _build(m, spec, target))
+        if isinstance(built, str):
+            notes.append(f"{where}: skipped ({built})")
+            continue
+        notes += [f"{where}: {n}" for n in built.notes]
+        for subset in spec.subsets:
+            if subset != "all" and subset not in m.subsets:
+                notes.append(f"{where} on {subset} queries: skipped (no seen/unseen split)")
+                continue
+            keep = set(m.subsets[subset]) if subset != "all" else None
+            qids = [q for q in built.qids if keep is None or q in keep]
+            if len(qids) < 2:
+                notes.append(f"{where} on {subset} queries: skipped ({len(qids)} queries)")
+                continue
+            label = {"dataset": m.dataset, "subset": subset, "target": target,
+                     "comparison": spec.name, "a": spec.a.label, "b": spec.b.label,
+                     "units_a": built.unit_a, "units_b": built.unit_b, "on": spec.on}
+            rows.append(_Row(
+                family=("subsets" if subset != "all" else
+                        "primary_per_dataset" if spec.pooled else spec.family),
+                key=f"{m.dataset}: {where}" + ("" if subset == "all" else f" [{subset}]"),
+                pair=(per_query_matrix(built.a, qids)[0], per_query_matrix(built.b, qids)[0]),
+                paired=spec.paired, label=label))
     return rows
 
 
-def _mean(per_query: Mapping[str, float]) -> float:
-    return sum(per_query.values()) / len(per_query)
+def _plan(measured: Sequence[Measured]):
+    """Every comparison's data, by family; labels; paired flags; notes per dataset."""
+    pairs: dict[str, dict[str, Any]] = {f: {} for f in FAMILIES}
+    paired: dict[str, dict[str, bool]] = {f: {} for f in FAMILIES}
+    labels: dict[str, dict[str, Any]] = {}
+    notes: dict[str, list[str]] = {m.dataset: [] for m in measured}
+    pooled: dict[str, list[_Row]] = {}
+    for m in measured:
+        for spec in COMPARISONS:
+            for row in _dataset_rows(m, spec, notes[m.dataset]):
+                pairs[row.family][row.key] = row.pair
+                paired[row.family][row.key] = row.paired
+                labels[row.key] = row.label
+                if spec.pooled and row.label["subset"] == "all":
+                    pooled.setdefault(spec.name, []).append(row)
+    for name, rows in pooled.items():  # the primary endpoints: {dataset: (a, b)}
+        key = f"pooled: {name}"
+        pairs["primary"][key] = {r.label["dataset"]: r.pair for r in rows}
+        paired["primary"][key] = rows[0].paired
+        labels[key] = {**rows[0].label, "dataset": "pooled"}
+    return pairs, paired, labels, notes
 
 
-def _avg(values: list[float]) -> float:
+def _comparisons(measured: Sequence[Measured], **kwargs: Any):
+    pairs, paired, labels, notes = _plan(measured)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for family, family_pairs in pairs.items():
+        rows = compare_all(family_pairs, family=family, paired=paired[family],
+                           **kwargs) if family_pairs else []
+        out[family] = [{**labels[r.name], **r.to_dict()} for r in rows]
+    return out, notes
+
+
+def comparisons(measured: Sequence[Measured], **kwargs: Any) -> dict[str, list[dict[str, Any]]]:
+    """Every pre-registered comparison (:data:`COMPARISONS`), by family (:data:`FAMILIES`).
+
+    Args:
+        measured: One :class:`Measured` per dataset.
+        **kwargs: Passed to :func:`analysis.stats.compare_all` (``n_boot``, ``n_resamples``,
+            ``margin_points``, ``confidence``, ``seed``).
+
+    Returns:
+        ``{family: [row]}``, every family present (empty where nothing was measured); a row
+        is a :class:`analysis.stats.Comparison` dict plus ``dataset`` (``pooled`` for a
+        pooled endpoint, whose ``datasets`` lists them), ``subset`` (all/seen/unseen),
+        ``target`` (transfer collection or None), ``comparison``, ``a``, ``b``, ``units_a``,
+        ``units_b`` (searches/seeds/runs/reference) and ``on``.
+    """
+    return _comparisons(measured, **kwargs)[0]
+
+
+# -- systems and searches ----------------------------------------------------------------------
+
+def _avg(values: Sequence[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else math.nan
 
 
-def _std(values: list[float]) -> float:
+def _std(values: Sequence[float]) -> float:
     if len(values) < 2:
         return math.nan
     mean = _avg(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def verdicts(rows: list[dict[str, Any]], alpha: float = 0.05) -> list[str]:
-    """One sentence per comparison, whatever the sign. The word (better / worse / no
-    difference) follows the two-level bootstrap interval, which counts both the seeds and
-    the queries as samples (the question "is this recipe better"); the tests over queries,
-    which hold the trained models fixed, follow with their Holm-corrected p-values."""
-    out = []
-    for r in rows:
-        low, high = r["ci_low_points"], r["ci_high_points"]
-        where = r["dataset"] + (f" -> {r['target']}" if "target" in r else "")
-        if low > 0:
-            word = "better"
-        elif high < 0:
-            word = "worse"
-        else:
-            word = "no difference the interval can tell"
-        tests = "reject" if r["p_permutation_holm"] < alpha else "do not reject"
-        out.append(f"{where}: {r['comparison']}: {word}: {r['diff_points']:+.2f} nDCG points, "
-                   f"95 % interval over seeds and queries [{low:+.2f}, {high:+.2f}]; over "
-                   f"queries (these trained models), permutation p {r['p_permutation']:.3g} "
-                   f"(Holm {r['p_permutation_holm']:.3g}) and paired t p {r['p_t']:.3g} "
-                   f"(Holm {r['p_t_holm']:.3g}): the tests {tests} at {alpha} after Holm")
+def _mean_on(values: Mapping[str, float] | None, ids: set[str] | None) -> float:
+    if values is None:
+        return math.nan
+    kept = [v for q, v in values.items() if ids is None or q in ids]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def _spread(per_search: Mapping[int, list[float]]) -> dict[str, float]:
+    """Mean over searches of each search's mean over runs, the seed and search spread."""
+    means = [_avg(v) for v in per_search.values()]
+    seed_stds = [_std(v) for v in per_search.values() if len(v) > 1]
+    return {"mean": _avg(means), "seed_std": _avg(seed_stds) if seed_stds else math.nan,
+            "search_std": _std(means), "search_min": min(means, default=math.nan),
+            "search_max": max(means, default=math.nan)}
+
+
+def _by_search(runs: Sequence[Run]) -> dict[int, list[Run]]:
+    out: dict[int, list[Run]] = {}
+    for r in sorted(runs, key=lambda r: (r.search, r.seed)):
+        out.setdefault(r.search, []).append(r)
     return out
 
 
-def answer_dict(measured: list[Measured], **kwargs: Any) -> dict[str, Any]:
-    """Everything of the answer as JSON-ready data: design, systems, comparisons, verdicts."""
-    comps = comparisons(measured, **kwargs)
-    return {"design": {m.dataset: m.design for m in measured},
-            "systems": system_rows(measured), "comparisons": comps,
-            "verdicts": verdicts(comps["in_domain"]),
-            "transfer_verdicts": verdicts(comps["transfer"])}
+def _subset_ids(m: Measured) -> dict[str, set[str] | None]:
+    return {"all": None, **{s: set(m.subsets[s]) for s in SUBSETS if s in m.subsets}}
 
 
-# -- renderings ----------------------------------------------------------------------------
-
-def describe_budget(cfg: Any, patience: int | None) -> str:
-    """The budget rules of a study's trials, in words."""
-    return (f"up to {cfg.train.total_epochs} epochs ({cfg.train.sampling} an epoch), "
-            f"patience {patience}, best dev epoch kept")
-
-
-def describe_config(cfg: Any) -> str:
-    """A config's searched choices in one line: the design section of the answer."""
-    m, l, t = cfg.model, cfg.loss, cfg.train
-    shape = (f"depth {m.predictor.depth} x{m.predictor.hidden_mult:g} "
-             f"{'residual' if m.predictor.residual else 'plain'}")
-    heads = ([f"predictor {shape}, stopgrad {l.stopgrad}"] if cfg.trains_predictor else []) \
-        + ([f"query head {shape}"] if m.query_head else [])
-    contrastive = (f" ({l.contrastive}, " + (f"temperature {l.temperature:.3g})"
-                                             if l.contrastive == "infonce"
-                                             else f"margin {l.margin:.3g})")
-                   if l.lambda_con > 0 else "")
-    return (f"λ_pred {l.lambda_pred:.3g}, λ_con {l.lambda_con:.3g}{contrastive}, "
-            f"λ_iso {l.lambda_iso:.3g} ({l.isotropy}), λ_reg {l.lambda_reg:.3g}; "
-            f"{'; '.join(heads) or 'no predictor'}; {m.variant}, {m.projection} projection, "
-            f"{m.output_dim}-d, {m.similarity}; lr {t.lr:.3g}, weight decay "
-            f"{t.weight_decay:.3g}, batch {t.batch_size}, hard negatives {t.hard_negatives}; "
-            f"scored with the {cfg.eval.score_with}")
-
-
-def _f(value: Any, digits: int = 4) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
+def _system_row(m: Measured, s: System) -> dict[str, Any]:
+    groups = _by_search(s.runs)
+    test = {}
+    for subset, ids in _subset_ids(m).items():
+        first = _values(s, s.runs[0]) or {}
+        test[subset] = {**_spread({k: [_mean_on(_values(s, r), ids) for r in runs]
+                                   for k, runs in groups.items()}),
+                        "n": sum(1 for q in first if ids is None or q in ids)}
+    scorings = {k: _spread({i: [_mean_on(r.per_query.get(k), None) for r in runs]
+                            for i, runs in groups.items()})["mean"]
+                for k in ("query", "predictor")}
+    targets = sorted({t for r in s.runs for t in r.transfer})
+    return {
+        "dataset": m.dataset, "kind": "trained", "system": s.name,
+        "what": SYSTEMS.get(s.name, s.name),
+        "scoring": "/".join(sorted({_scoring(s, r) for r in s.runs})),
+        "searches": sorted(groups), "best_search": best_search(m, s.name),
+        "seeds": [r.seed for rs in groups.values() for r in rs], "runs": len(s.runs),
+        "test": test, "query_mean": scorings["query"], "predictor_mean": scorings["predictor"],
+        "dev_mean": _avg([r.dev for r in s.runs]),
+        "dev_by_search": {str(k): _avg([r.dev for r in rs]) for k, rs in groups.items()},
+        "best_epochs": [r.best_epoch for rs in groups.values() for r in rs],
+        "transfer": {t: _spread({k: [_mean_on(_values(s, r, target=t), None) for r in rs]
+                                 for k, rs in groups.items()})["mean"] for t in targets},
+    }
 
 
-def markdown(result: Mapping[str, Any]) -> str:
-    """The answer as Markdown: design, dev sanity figures, then test tables and verdicts."""
-    lines = ["## Design", ""]
-    for ds, d in result["design"].items():
-        lines += [f"### {ds}", ""] + [f"- {k}: {v}" for k, v in d.items()] + [""]
-    lines += ["## Dev figures of the retrained systems (what selection saw)", "",
-              "| dataset | system | scoring | dev nDCG@10 (mean over seeds) | best epochs |",
-              "|---|---|---|---|---|"]
-    for r in result["systems"]:
-        if r.get("seeds"):
-            lines.append(f"| {r['dataset']} | {r['system']} | {r['scoring']} | "
-                         f"{_f(r['dev_mean'])} | {r['best_epochs']} |")
-    lines += ["", "## Test figures (reported, never used to choose)", "",
-              "| dataset | system | scoring | test nDCG@10 | seed std | query-scored | "
-              "predictor-scored | transfer |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["systems"]:
-        transfer = ", ".join(f"{k[9:-5]} {_f(v)}" for k, v in r.items()
-                             if k.startswith("transfer_") and k.endswith("_mean"))
-        lines.append(f"| {r['dataset']} | {r['system']} | {r['scoring']} | "
-                     f"{_f(r['test_mean'])} | {_f(r['test_seed_std'])} | "
-                     f"{_f(r.get('test_query_mean', math.nan))} | "
-                     f"{_f(r.get('test_predictor_mean', math.nan))} | {transfer or '-'} |")
-    for family, title in (("in_domain", "Comparisons (in-domain test)"),
-                          ("transfer", "Comparisons (transfer: trained on one, tested on "
-                                       "the other)")):
-        rows = result["comparisons"][family]
-        if not rows:
-            continue
-        lines += ["", f"### {title}", "",
-                  "| dataset | comparison | A | B | diff (points) | 95 % CI | p perm (Holm) | "
-                  "p t (Holm) | seeds | queries |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            where = r["dataset"] + (f" -> {r['target']}" if "target" in r else "")
-            lines.append(
-                f"| {where} | {r['comparison']} | {_f(r['mean_a'])} | {_f(r['mean_b'])} | "
-                f"{r['diff_points']:+.2f} | [{r['ci_low_points']:+.2f}, "
-                f"{r['ci_high_points']:+.2f}] | {r['p_permutation']:.3g} "
-                f"({r['p_permutation_holm']:.3g}) | {r['p_t']:.3g} ({r['p_t_holm']:.3g}) | "
-                f"{r['n_seeds_a']}/{r['n_seeds_b']} | {r['n_queries']} |")
-    lines += ["", "### Verdicts", ""] + [f"- {v}" for v in result["verdicts"]]
-    if result.get("transfer_verdicts"):
-        lines += ["", "Transfer:", ""] + [f"- {v}" for v in result["transfer_verdicts"]]
-    return "\n".join(lines) + "\n"
+def system_rows(measured: Sequence[Measured]) -> list[dict[str, Any]]:
+    """Per dataset, every system and then every reference row.
+
+    A system row: ``dataset``, ``kind`` ("trained"), ``system``, ``what``, ``scoring`` (as
+    dev chose; ``a/b`` where its searches chose differently), ``searches``, ``best_search``,
+    ``seeds``, ``runs``, ``test`` ({all, seen, unseen: {mean, seed_std, search_std,
+    search_min, search_max, n}}: the mean over searches of each search's mean over seeds,
+    the mean within-search seed sd, the sd and range of the search means, the query count),
+    ``query_mean`` and ``predictor_mean`` (all queries, each scoring), ``dev_mean``,
+    ``dev_by_search``, ``best_epochs`` and ``transfer`` ({collection: mean}). A reference
+    row: ``kind`` "reference", ``seeds`` [], ``runs`` 0 and ``test`` ({subset: {mean, n}}).
+    """
+    rows = []
+    for m in measured:
+        order = [n for n in SYSTEMS if n in m.systems] + sorted(set(m.systems) - set(SYSTEMS))
+        rows += [_system_row(m, m.systems[n]) for n in order if m.systems[n].runs]
+        refs = [n for n in REFERENCES if n in m.references] + sorted(
+            set(m.references) - set(REFERENCES))
+        for name in refs:
+            test = {subset: {"mean": _mean_on(m.references[name], ids),
+                             "n": sum(1 for q in m.references[name]
+                                      if ids is None or q in ids)}
+                    for subset, ids in _subset_ids(m).items()}
+            rows.append({"dataset": m.dataset, "kind": "reference", "system": name,
+                         "what": REFERENCES.get(name, name), "scoring": "-", "seeds": [],
+                         "runs": 0, "test": test})
+    return rows
 
 
-def html_report(result: Mapping[str, Any], title: str = "The answer") -> str:
-    """A self-contained HTML page of :func:`markdown`'s content (tables as HTML)."""
-    body = []
-    for block in markdown(result).split("\n\n"):
-        lines = block.strip().splitlines()
-        if not lines:
-            continue
-        if lines[0].startswith("|"):
-            head = [c.strip() for c in lines[0].strip("|").split("|")]
-            rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-                        + "</tr>" + "".join("<tr>" + "".join(
-                            f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</table>")
-        elif lines[0].startswith("#"):
-            level = len(lines[0]) - len(lines[0].lstrip("#"))
-            body.append(f"<h{level}>{html.escape(lines[0].lstrip('# '))}</h{level}>")
-            if lines[1:]:
-                body.append(_list(lines[1:]))
-        else:
-            body.append(_list(lines))
-    css = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px}"
-           "table{border-collapse:collapse;font-size:.85em}th,td{border:1px solid #ddd;"
-           "padding:.25em .5em}th{background:#f4f4f4}")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>'
-            f"{html.escape(title)}</title><style>{css}</style></head><body><h1>"
-            f"{html.escape(title)}</h1>" + "\n".join(body) + "</body></html>\n")
+def _range(values: Sequence[float]) -> dict[str, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return {"min": math.nan, "max": math.nan, "spread": math.nan}
+    return {"min": min(values), "max": max(values), "spread": max(values) - min(values)}
 
 
-def _list(lines: list[str]) -> str:
-    items = [ln[2:] for ln in lines if ln.startswith("- ")]
-    if items:
-        return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
-    return "<p>" + html.escape(" ".join(lines)) + "</p>"
+def search_rows(measured: Sequence[Measured]) -> list[dict[str, Any]]:
+    """The search spread: per dataset and arm, each search's best dev and the mean test
+    nDCG@10 of its retrained runs (reported only), with their min, max and spread.
+
+    Returns:
+        ``[{dataset, arm, best, searches: [Search fields + is_best, test_mean, test_runs,
+        dev_runs_mean], best_dev: {min, max, spread}, test_mean: {min, max, spread}}]``.
+    """
+    out = []
+    for m in measured:
+        for arm in dict.fromkeys(s.arm for s in m.searches):
+            best = best_search(m, arm)
+            system = m.systems.get(arm)
+            rows = []
+            for s in sorted((s for s in m.searches if s.arm == arm), key=lambda s: s.index):
+                runs = [r for r in system.runs if r.search == s.index] if system else []
+                rows.append({**asdict(s), "is_best": s.index == best,
+                             "test_mean": _avg([_mean_on(_values(system, r), None)
+                                                for r in runs]) if runs else math.nan,
+                             "test_runs": len(runs),
+                             "dev_runs_mean": _avg([r.dev for r in runs])})
+            out.append({"dataset": m.dataset, "arm": arm, "best": best, "searches": rows,
+                        "best_dev": _range([r["best_dev"] for r in rows]),
+                        "test_mean": _range([r["test_mean"] for r in rows])})
+    return out
 
 
-def dumps(result: Mapping[str, Any]) -> str:
-    """JSON text of :func:`answer_dict`'s result (NaN written as null)."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and math.isnan(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
+# -- the answer --------------------------------------------------------------------------------
 
-    return json.dumps(clean(dict(result)), indent=1)
+def plan_rows() -> list[dict[str, Any]]:
+    """:data:`COMPARISONS` as rows for the design section."""
+    unit = {RECIPE: "searches (mean over each one's seeds)", BEST: "the best search's seeds",
+            RUNS: "its runs (seeds)", REFERENCE: "one reference row",
+            CROSSFIT: "seeds (cross-fitted)"}
+    return [{"comparison": s.name, "family": s.family, "a": s.a.label, "b": s.b.label,
+             "a_units": unit[s.a.select], "b_units": unit[s.b.select],
+             "scoring": (f"{s.a.scoring or 'chosen'} / {s.b.scoring or 'chosen'}"),
+             "paired": s.paired, "on": s.on, "subsets": list(s.subsets), "pooled": s.pooled}
+            for s in COMPARISONS]
+
+
+def answer_dict(measured: Sequence[Measured], **kwargs: Any) -> dict[str, Any]:
+    """Everything of the answer as JSON-ready data (:func:`dumps` writes it).
+
+    Args:
+        measured: One :class:`Measured` per dataset.
+        **kwargs: Passed to :func:`analysis.stats.compare_all`.
+
+    Returns:
+        ``design`` ({dataset: its design, plus ``skipped``: the notes of comparisons left
+        out}), ``plan`` (:func:`plan_rows`), ``families`` (:data:`FAMILIES`), ``settings``
+        (margin, confidence), ``searches`` (:func:`search_rows`), ``systems``
+        (:func:`system_rows`), ``comparisons`` (:func:`comparisons`), ``pooled`` (each
+        pooled primary row with its per-dataset rows), ``verdicts`` ({family: sentences})
+        and ``findings`` (:func:`findings`).
+    """
+    comps, notes = _comparisons(measured, **kwargs)
+    systems = system_rows(measured)
+    refs = {(r["dataset"], r["system"]): r["test"] for r in systems if r["kind"] == "reference"}
+    extra = prior_clauses(comps, refs)
+    pooled = [{"comparison": r["comparison"], "pooled": r,
+               "per_dataset": [p for p in comps["primary_per_dataset"]
+                               if p["comparison"] == r["comparison"]]}
+              for r in comps["primary"]]
+    design = {}
+    for m in measured:
+        design[m.dataset] = dict(m.design)
+        if notes[m.dataset]:
+            design[m.dataset]["skipped"] = notes[m.dataset]
+    return {"design": design, "plan": plan_rows(), "families": dict(FAMILIES),
+            "settings": {"margin_points": kwargs.get("margin_points", 1.0),
+                         "confidence": kwargs.get("confidence", 0.95)},
+            "searches": search_rows(measured), "systems": systems, "comparisons": comps,
+            "pooled": pooled,
+            "verdicts": {f: verdicts(rows, extra) for f, rows in comps.items() if rows},
+            "findings": findings(comps, systems)}
