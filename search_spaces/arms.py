@@ -102,6 +102,54 @@ def _arm_point(point: Any, arm: str, params: dict[str, Any]) -> Any:
     return out
 
 
+def searched_with(raw: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``raw`` searched with another seed of its searcher: one of an arm's several searches
+    (the spread between searches is the luck of one search, measured by the answer)."""
+    out = copy.deepcopy(raw)
+    out.setdefault("searcher", {"kind": "tpe"})["seed"] = seed
+    return out
+
+
+#: the predictor's knobs C+pred searches (their ranges are the JEPA arm's)
+PREDICTOR_KNOBS = ("model.predictor.depth", "model.predictor.hidden_mult",
+                   "model.predictor.dropout", "model.predictor.residual")
+
+
+def predictor_space(raw: dict[str, Any], contrastive: RunConfig, patience: int | None,
+                    num_samples: int) -> dict[str, Any]:
+    """The short search that adds the predictor to the tuned contrastive config C (C+pred):
+    C fixed whole (its own epoch budget and patience, not its search run's best epoch),
+    L_pred switched on with λ_pred and the predictor's shape searched over the space's
+    ranges, stop-gradient on, the scoring chosen on dev; the space's metric, searcher,
+    scheduler and collapse guard.
+
+    Raises:
+        ValueError: The space does not search ``loss.lambda_pred``.
+    """
+    params = raw.get("parameters") or {}
+    if PRED not in params:
+        raise ValueError(f"the space does not search {PRED}: no predictor to add")
+    base = contrastive.with_overrides({"train.stop_after_epoch": None, "train.patience":
+                                       patience, "loss.stopgrad": True,
+                                       "eval.score_with": "auto"}, "C+pred").to_dict()
+    base.pop("provenance", None)
+    base.pop("name", None)
+    new = {}
+    for name in (PRED, *PREDICTOR_KNOBS):
+        if name in params:
+            spec = copy.deepcopy(params[name])
+            spec.pop("when", None)
+            spec.pop("zero", None)
+            new[name] = spec
+    out = {k: copy.deepcopy(raw[k]) for k in ("metric", "mode", "searcher", "scheduler",
+                                             "collapse_guard") if k in raw}
+    out.update(name=f"{raw.get('name', 'space')}-c_pred", base=base, parameters=new,
+               num_samples=num_samples,
+               description="C+pred: the tuned contrastive config with the JEPA predictor "
+               "added; λ_pred and the predictor's shape searched, the rest of C fixed")
+    return out
+
+
 def systems(jepa: RunConfig, contrastive: RunConfig) -> dict[str, RunConfig]:
     """The configs retrained over seeds: J, the tuned contrastive config, and J's controls.
 

@@ -1,21 +1,37 @@
 """``jepa-study answer``: does the JEPA predictor help retrieval? Controlled, powered, per query.
 
-Per dataset: (1) two studies over one space at equal effort, the JEPA arm and the contrastive
-arm (``search_spaces.arms``), each picking its best config on dev; (2) the controls around the
-JEPA arm's best (itself, λ_pred = 0, λ_pred = 0 with a capacity-matched query head, the
-contrastive arm's best) retrained over fresh seeds, each scoring the other datasets' test
-splits too (transfer), with zero-shot and BM25 as reference rows; (3) the statistics over
-queries (``analysis.answer``). ``docs/answer.md`` gives the design and the measured answer.
+Per dataset (``docs/answer.md`` gives the design and the measured answer):
+
+1. **Searches.** The JEPA arm and the contrastive arm (``search_spaces.arms``: one space,
+   equal effort) are each searched ``--searches`` times with different searcher seeds, each
+   search choosing its best config on dev: a recipe is its search, not one lucky draw, and
+   the spread between searches is measured.
+2. **Nested ablation.** The best contrastive config by dev, C*, gets the predictor: a short
+   search of λ_pred and the predictor's shape (``arms.predictor_space``) gives C+pred.
+3. **No labels** (``--no-labels``): both arms of the ``no_labels`` space (pairs made from the
+   corpus alone), one search each.
+4. **Retrained runs** over fresh seeds: every search's best of both arms, C+pred (on the
+   seeds of C*'s runs: paired), the best JEPA config J*'s controls (λ_pred = 0, with and
+   without a query head of the predictor's shape; paired), the no-label bests; each scores
+   the other datasets' test splits zero-shot (transfer). Reference rows: zero-shot, BM25,
+   the document prior, all on all/seen/unseen test queries.
+5. **Cross-fitted evaluation** (``--crossfit K``): K folds over the train and test queries
+   (dev fixed for selection; queries of equal text in one fold); J* and C* (and C+pred)
+   trained on the other folds score each held-out fold, so every query is scored by a model
+   that never trained on it: its own table, apart from the BEIR test figures.
+6. The statistics (``analysis.answer``): pre-registered families, paired resampling where
+   runs share seeds, Holm within a family, TOST at ±1 point, the pooled primary endpoint.
 
 Everything is resumable: a finished study or run is reused, an interrupted study resumed. The
-answer directory holds the arms' studies, every retrained run, ``answer.json``, ``.html`` and
-``.md``; one MLflow store holds the studies' experiments and the answer's own.
+answer directory holds every study, every retrained run, ``answer.json``, ``.html``, ``.md``
+and ``timings.json``; one MLflow store holds the studies' experiments and the answer's own.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -26,7 +42,8 @@ from typing import Any
 import yaml
 
 from analysis import schema as S
-from search_spaces.arms import ARMS, arm_space, retrain_config, systems
+from search_spaces.arms import (ARMS, arm_space, predictor_space, retrain_config,
+                                searched_with, systems)
 from search_spaces.space import load_space, raw_space
 from study.launcher import StudyError, StudyOptions
 from study.tracking import StudyTracker
@@ -34,8 +51,10 @@ from study.tracking import StudyTracker
 log = logging.getLogger(__name__)
 
 #: seeds of the retrained runs: fresh, none is a search seed (every trial trains with seed 0)
-DEFAULT_SEEDS = (1, 2, 3, 4, 5)
+DEFAULT_SEEDS = (1, 2, 3)
 SEARCH_SEED = 0
+#: the space the no-label arms search
+NO_LABELS_SPACE = "no_labels"
 
 
 @dataclass
@@ -44,7 +63,13 @@ class AnswerOptions:
 
     data: list[str]
     space: str = "jepa_core"
-    num_samples: int | None = None  #: trials per arm and dataset (default: the space's)
+    num_samples: int | None = None  #: trials per search (default: the space's / searches)
+    searches: int = 3  #: searches per arm and dataset, searcher seeds 0, 1, ...
+    pred_samples: int = 8  #: trials of C+pred's short search
+    no_labels: bool = True  #: the no-label arms
+    nolabel_space: str = NO_LABELS_SPACE  #: the space the no-label arms search
+    nolabel_samples: int = 12  #: trials per no-label arm
+    crossfit: int = 0  #: folds of the cross-fitted evaluation (0: none)
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     name: str = "answer"
     storage: str = "answers"
@@ -61,8 +86,12 @@ class AnswerOptions:
         if SEARCH_SEED in self.seeds:
             raise StudyError(f"answer: seed {SEARCH_SEED} is the search seed; the retrained "
                              "runs need fresh ones")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise StudyError("answer: --num-samples must be at least 1")
+        for name in ("num_samples", "searches", "pred_samples", "nolabel_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise StudyError(f"answer: --{name.replace('_', '-')} must be at least 1")
+        if self.crossfit == 1 or self.crossfit < 0:
+            raise StudyError("answer: --crossfit needs at least 2 folds (0: none)")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise StudyError(f"answer: --name {self.name!r}: letters, digits, '_', '.', '-'")
 
@@ -70,6 +99,19 @@ class AnswerOptions:
 def dataset_name(path: str | Path) -> str:
     """A dataset's short name: its directory's name (``.../scifact`` -> ``scifact``)."""
     return re.sub(r"[^A-Za-z0-9]+", "_", Path(path).resolve().name).strip("_").lower()
+
+
+class _Timer:
+    """Seconds each phase worked, summed over the invocations that ran it (a resumed answer
+    adds what it does; what it reuses costs nothing), kept in ``timings.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.s: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, key: str, since: float) -> None:
+        self.s[key] = self.s.get(key, 0.0) + time.time() - since
+        self.path.write_text(json.dumps(self.s, indent=1))
 
 
 def answer(opts: AnswerOptions) -> dict[str, Any]:
@@ -83,93 +125,134 @@ def answer(opts: AnswerOptions) -> dict[str, Any]:
     names = [dataset_name(d) for d in data_dirs]
     if len(set(names)) < len(names):
         raise StudyError(f"answer: two --data directories share a name: {names}")
-    load_space(opts.space)  # the space is validated before anything runs
+    load_space(opts.space)  # the spaces are validated before anything runs
     space = raw_space(opts.space)
+    nolabel_space = raw_space(opts.nolabel_space) if opts.no_labels else None
     for d in data_dirs:
         load_beir(d)  # a bad dataset fails now, not after an hour of studies
     uri = opts.mlflow_uri or f"sqlite:///{root / 'mlflow.db'}"
     (root / "answer_options.json").write_text(json.dumps(asdict(opts), indent=1))
-    # seconds each phase worked, summed over the invocations that ran it (a resumed answer
-    # adds what it does; what it reuses costs nothing)
-    timing_file = root / "timings.json"
-    timings: dict[str, float] = (json.loads(timing_file.read_text())
-                                 if timing_file.exists() else {})
-    chosen: dict[str, dict[str, Any]] = {}
+    timer = _Timer(root / "timings.json")
+    per_search = opts.num_samples or max(1, -(-int(space.get("num_samples", 8))
+                                             // opts.searches))
+    # -- 1-3. the searches, each choosing on dev
+    chosen: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for data_dir, ds in zip(data_dirs, names):
+        arms = chosen.setdefault(ds, {})
         for arm in ARMS:
-            t0 = time.time()
-            chosen.setdefault(ds, {})[arm] = _arm_study(root, ds, arm, data_dir, space,
-                                                        opts, uri)
-            if chosen[ds][arm]["ran"]:
-                key = f"study {ds} {arm}"
-                timings[key] = timings.get(key, 0.0) + time.time() - t0
-            timing_file.write_text(json.dumps(timings, indent=1))
+            for k in range(opts.searches):
+                t0 = time.time()
+                raw = searched_with(arm_space(space, arm), _searcher_seed(space, k))
+                arms.setdefault(arm, []).append(_study(root, ds, f"{arm}-s{k}", raw, data_dir,
+                                                       per_search, opts, uri, k))
+                if arms[arm][-1]["ran"]:
+                    timer.add(f"search {ds} {arm}", t0)
+        best_c = _best(arms["contrastive"])
+        t0 = time.time()
+        raw = predictor_space(space, best_c["config"], best_c["patience"], opts.pred_samples)
+        arms["c_pred"] = [_study(root, ds, "c_pred", raw, data_dir, opts.pred_samples, opts,
+                                 uri, 0)]
+        if arms["c_pred"][0]["ran"]:
+            timer.add(f"search {ds} c_pred", t0)
+        if nolabel_space is not None:
+            for arm in ARMS:
+                t0 = time.time()
+                arms[f"nolabel_{arm}"] = [_study(root, ds, f"nolabel_{arm}",
+                                                 arm_space(nolabel_space, arm), data_dir,
+                                                 opts.nolabel_samples, opts, uri, 0)]
+                if arms[f"nolabel_{arm}"][0]["ran"]:
+                    timer.add(f"search {ds} nolabel_{arm}", t0)
+    # -- 4. the retrained runs, over fresh seeds
     jobs = []
     for data_dir, ds in zip(data_dirs, names):
         others = [str(d) for d, n in zip(data_dirs, names) if n != ds]
-        for system, cfg in systems(chosen[ds]["jepa"]["config"],
-                                   chosen[ds]["contrastive"]["config"]).items():
+        for system, search, cfg, patience in _systems(chosen[ds]):
             for seed in opts.seeds:
-                run_cfg = retrain_config(cfg, seed, chosen[ds]["jepa"]["patience"], others,
-                                         name=f"{ds}-{system}-seed{seed}")
-                jobs.append((ds, system, seed, run_cfg,
-                             root / ds / "runs" / system / f"seed_{seed}"))
+                run_cfg = retrain_config(cfg, seed, patience, others,
+                                         name=f"{ds}-{system}-s{search}-seed{seed}")
+                jobs.append((ds, system, search, seed, run_cfg,
+                             root / ds / "runs" / f"{system}-s{search}" / f"seed_{seed}"))
+    # -- 5. the cross-fitted evaluation
+    if opts.crossfit:
+        for data_dir, ds in zip(data_dirs, names):
+            jobs += _crossfit_jobs(root / ds / "crossfit", data_dir, chosen[ds], opts)
     t0 = time.time()
     results, trained = _retrain(jobs, opts)
     if trained:
-        timings["retrained runs"] = timings.get("retrained runs", 0.0) + time.time() - t0
+        timer.add("retrained runs", t0)
     t0 = time.time()
-    references = {ds: _references(d, chosen[ds]["jepa"]["config"])
+    references = {ds: _references(d, _best(chosen[ds]["jepa"])["config"])
                   for d, ds in zip(data_dirs, names)}
-    timings["reference rows (zero-shot, BM25)"] = time.time() - t0
-    timing_file.write_text(json.dumps(timings, indent=1))
-    measured = _measured(names, jobs, results, references, chosen, opts, timings)
-    return _write(root, measured, uri, opts, jobs, results, timings, started)
+    timer.add("reference rows (zero-shot, BM25, doc prior)", t0)
+    measured = _measured(names, jobs, results, references, chosen, opts)
+    return _write(root, measured, uri, opts, jobs, results, timer.s, started)
 
 
-# -- 1. the arms' studies --------------------------------------------------------------------
+def _searcher_seed(raw: dict[str, Any], k: int) -> int:
+    """The searcher seed of an arm's k-th search: the space's seed, then the next ones."""
+    return int((raw.get("searcher") or {}).get("seed") or 0) + k
 
-def _arm_study(root: Path, ds: str, arm: str, data_dir: Path, space: dict[str, Any],
-               opts: AnswerOptions, uri: str) -> dict[str, Any]:
-    """Runs (or resumes, or reuses) one arm's study; returns its best config as chosen."""
+
+def _best(searches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The search whose best trial has the best dev figure (ties: the first search)."""
+    return max(searches, key=lambda s: (s["best_dev"], -s["index"]))
+
+
+def _systems(arms: dict[str, list[dict[str, Any]]]):
+    """(system, search index, config, patience) of every config the answer retrains."""
+    for arm in ("jepa", "contrastive", "c_pred", "nolabel_jepa", "nolabel_contrastive"):
+        for search in arms.get(arm, []):
+            yield arm, search["index"], search["config"], search["patience"]
+    best_j = _best(arms["jepa"])
+    for name, cfg in systems(best_j["config"], best_j["config"]).items():
+        if name in ("capacity", "no_pred"):  # J*'s controls, on J*'s seeds
+            yield name, best_j["index"], cfg, best_j["patience"]
+
+
+# -- 1. the studies ----------------------------------------------------------------------------
+
+def _study(root: Path, ds: str, label: str, raw: dict[str, Any], data_dir: Path,
+           num_samples: int, opts: AnswerOptions, uri: str, index: int) -> dict[str, Any]:
+    """Runs (or resumes, or reuses) one study of the answer; returns its best config, chosen
+    on dev and exported (trained to its best epoch, its scoring fixed)."""
     from analysis.export import export_configs
     from study.launcher import launch, resume
     from trainables.config import RunConfig
 
-    raw = arm_space(space, arm)
-    if opts.num_samples is not None:
-        raw["num_samples"] = opts.num_samples
+    raw = dict(raw, num_samples=num_samples)
     if opts.max_concurrent_trials is not None:
         raw["max_concurrent_trials"] = opts.max_concurrent_trials
-    arm_file = root / ds / f"{arm}.yaml"
-    arm_file.parent.mkdir(parents=True, exist_ok=True)
-    arm_file.write_text(f"# the {arm} arm of {opts.space}, written by jepa-study answer\n"
-                        + yaml.safe_dump(raw, sort_keys=False))
-    name = f"{ds}-{arm}"
+    space_path = root / ds / "spaces" / f"{label}.yaml"
+    space_path.parent.mkdir(parents=True, exist_ok=True)
+    space_path.write_text(f"# the {label} study of {opts.space} on {ds}, written by jepa-study "
+                          "answer\n" + yaml.safe_dump(raw, sort_keys=False))
+    name = f"{ds}-{label}"
     storage = root / ds / "studies"
     study_dir = storage / name
     ran = not (study_dir / "summary.json").exists()
     if ran:
         if (study_dir / "study.json").exists():
-            log.info("answer: resuming the %s arm's study on %s", arm, ds)
+            log.info("answer: resuming the study %s", name)
             resume(study_dir)
         else:
-            log.info("answer: the %s arm's study on %s", arm, ds)
-            launch(StudyOptions(space=str(arm_file), data=str(data_dir), name=name,
+            log.info("answer: the study %s", name)
+            launch(StudyOptions(space=str(space_path), data=str(data_dir), name=name,
                                 storage=str(storage), address=opts.address, mlflow_uri=uri,
                                 max_concurrent_trials=opts.max_concurrent_trials,
                                 verbose=opts.verbose))
-    best_dir = root / ds / "best"
-    shutil.rmtree(best_dir / arm, ignore_errors=True)
-    path = export_configs(uri, name, best_dir / arm, top=1)[0]
+    best_dir = root / ds / "best" / label
+    shutil.rmtree(best_dir, ignore_errors=True)
+    path = export_configs(uri, name, best_dir, top=1)[0]
     cfg = RunConfig.from_yaml(path)
-    trials = json.loads((study_dir / "summary.json").read_text())
-    return {"config": cfg, "study": name, "study_dir": str(study_dir), "exported": str(path),
-            "trials": trials.get("trials"), "errored": trials.get("errored"),
+    summary = json.loads((study_dir / "summary.json").read_text())
+    return {"config": cfg, "label": label, "index": index, "study": name,
+            "study_dir": str(study_dir), "exported": str(path),
+            "searcher_seed": (raw.get("searcher") or {}).get("seed"),
+            "trials": summary.get("trials"), "errored": summary.get("errored"),
             "best_dev": float(cfg.provenance.get("value", "nan")),
             "best_epoch": cfg.provenance.get("best_epoch"),
             "scoring": cfg.eval.score_with, "trial_id": cfg.provenance.get("trial_id"),
-            "patience": _patience(cfg), "wall_s": trials.get("wall_s"), "ran": ran}
+            "patience": _patience(cfg), "wall_s": summary.get("wall_s"), "ran": ran}
 
 
 def _patience(cfg) -> int | None:
@@ -178,7 +261,73 @@ def _patience(cfg) -> int | None:
     return None if text in ("None", "") else int(text)
 
 
-# -- 2. the systems (search_spaces.arms) and their retrained runs ----------------------------
+# -- 5. cross-fitting --------------------------------------------------------------------------
+
+def _crossfit_jobs(where: Path, data_dir: Path, arms: dict[str, list[dict[str, Any]]],
+                   opts: AnswerOptions) -> list[tuple]:
+    """One run per fold of J*, C* and C+pred (the first fresh seed), each on a BEIR directory
+    whose test split is the fold (``crossfit_folds``)."""
+    folds = crossfit_folds(data_dir, _best(arms["jepa"])["config"], opts.crossfit, where)
+    jobs = []
+    seed = opts.seeds[0]
+    chosen = {"jepa": _best(arms["jepa"]), "contrastive": _best(arms["contrastive"]),
+              "c_pred": arms["c_pred"][0]}
+    for system, search in chosen.items():
+        for k, fold_dir in enumerate(folds):
+            cfg = retrain_config(search["config"], seed, search["patience"], [],
+                                 name=f"crossfit-{system}-fold{k}").with_overrides(
+                {"data.path": str(fold_dir)}, "crossfit")
+            jobs.append((where.parent.name, f"crossfit:{system}", k, seed, cfg,
+                         where / "runs" / system / f"fold_{k}"))
+    return jobs
+
+
+def crossfit_folds(data_dir: Path, cfg, k: int, where: Path) -> list[Path]:
+    """``k`` BEIR directories over ``data_dir``'s train and test queries, one a fold.
+
+    Dev (the split every choice is made on, as ``cfg.data`` makes it) is left out of the
+    folds and is the same ``dev.tsv`` in each; queries of equal text (lower-cased, spaces
+    collapsed) go to one fold; the queries are dealt to folds in a seeded order
+    (``cfg.data.split_seed``). Fold ``i``'s directory has the other folds as ``train.tsv``
+    and fold ``i`` as ``test.tsv``; its corpus and queries are links to the dataset's, so
+    its base features are the dataset's (the cache is keyed by content).
+    """
+    import random
+
+    from trainables.data import load_beir, split_for
+
+    data = load_beir(data_dir)
+    splits = split_for(data, cfg.data)
+    dev = splits["dev"]
+    pool: dict[str, dict[str, int]] = {}
+    for name in ("train", "test"):
+        for q, docs in splits[name].items():
+            if q not in dev:
+                pool.setdefault(q, {}).update(docs)
+    groups: dict[str, list[str]] = {}
+    for q in sorted(pool):
+        groups.setdefault(" ".join(data.queries[q].lower().split()), []).append(q)
+    order = sorted(groups)
+    random.Random(cfg.data.split_seed).shuffle(order)
+    fold_of = {q: i % k for i, text in enumerate(order) for q in groups[text]}
+    paths = []
+    for i in range(k):
+        fold = where / "folds" / f"fold_{i}"
+        (fold / "qrels").mkdir(parents=True, exist_ok=True)
+        for name in ("corpus.jsonl", "queries.jsonl"):
+            link = fold / name
+            if not link.exists():
+                os.symlink(Path(data_dir).resolve() / name, link)
+        parts = {"train": {q: d for q, d in pool.items() if fold_of[q] != i},
+                 "dev": dev, "test": {q: d for q, d in pool.items() if fold_of[q] == i}}
+        for name, qrels in parts.items():
+            (fold / "qrels" / f"{name}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+                f"{q}\t{d}\t{r}\n" for q in sorted(qrels) for d, r in sorted(qrels[q].items())))
+        paths.append(fold)
+    return paths
+
+
+# -- 4. the retrained runs ---------------------------------------------------------------------
 
 def _retrain(jobs: list[tuple], opts: AnswerOptions) -> tuple[list[dict[str, Any]], int]:
     """Trains every job (Ray tasks, one CPU each), reusing runs already finished; returns
@@ -193,7 +342,7 @@ def _retrain(jobs: list[tuple], opts: AnswerOptions) -> tuple[list[dict[str, Any
         _init_ray(StudyOptions(address=opts.address, verbose=opts.verbose))
         try:
             task = ray.remote(num_cpus=1, max_retries=2)(_train_one)
-            refs = {i: task.remote(jobs[i][3].to_dict(), str(jobs[i][4])) for i in todo}
+            refs = {i: task.remote(jobs[i][-2].to_dict(), str(jobs[i][-1])) for i in todo}
             for i, ref in refs.items():
                 results[i] = ray.get(ref)
         finally:
@@ -219,7 +368,7 @@ def _finished(cfg, out_dir: Path) -> dict[str, Any] | None:
 
     if not (out_dir / "metrics.json").exists() or not (out_dir / "config.yaml").exists():
         return None
-    if RunConfig.from_yaml(out_dir / "config.yaml") != cfg:
+    if RunConfig.from_yaml(out_dir / "config.yaml").to_dict() != cfg.to_dict():
         raise StudyError(f"{out_dir} holds a run of another config: remove it or use "
                          "another --name")
     return _summary(json.loads((out_dir / "metrics.json").read_text()))
@@ -228,60 +377,93 @@ def _finished(cfg, out_dir: Path) -> dict[str, Any] | None:
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result.get(k) for k in ("best_epoch", "best_dev_ndcg_at_10", "score_with",
                                        "end_reason", "test", "test_per_query",
-                                       "transfer_per_query")}
+                                       "transfer_per_query", "subsets")}
 
 
-def _references(data_dir: Path, cfg) -> dict[str, dict[str, float]]:
-    """Zero-shot base and BM25 on the dataset's test split: per-query nDCG@10."""
-    from trainables.bm25 import bm25_metrics
-    from trainables.data import load_beir, make_splits
-    from trainables.loop import zero_shot
+def _references(data_dir: Path, cfg) -> dict[str, Any]:
+    """The reference rows (zero-shot, BM25, document prior) on the dataset's test split, per
+    query, and its seen/unseen test queries (``trainables.references``)."""
+    from trainables.references import reference_rows
 
-    data = load_beir(data_dir)
-    cfg = cfg.with_overrides({"data.path": str(data_dir)}, "reference")
-    _, zs = zero_shot(cfg, "test", data=data, per_query=True)
-    qrels = make_splits(data, train=cfg.data.train_split, dev=cfg.data.dev_split,
-                        test=cfg.data.test_split, dev_fraction=cfg.data.dev_fraction,
-                        seed=cfg.data.split_seed)["test"]
-    _, bm25 = bm25_metrics(data, qrels)
-    return {"zero_shot": zs, "bm25": bm25["ndcg_at_10"]}
+    return reference_rows(cfg.with_overrides({"data.path": str(data_dir)}, "reference"))
 
 
 # -- 3. the table ------------------------------------------------------------------------------
 
-def _measured(names, jobs, results, references, chosen, opts, timings):
-    from analysis.answer import Measured, Run, System, describe_budget, describe_config
+def _measured(names, jobs, results, references, chosen, opts):
+    from analysis.answer import (Measured, Run, Search, System, describe_budget,
+                                 describe_config)
 
     measured = []
     for ds in names:
         found: dict[str, System] = {}
-        for (d, system, seed, cfg, _), res in zip(jobs, results):
+        crossfit: dict[str, dict[str, dict[str, float]]] = {}
+        for (d, system, search, seed, cfg, _), res in zip(jobs, results):
             if d != ds:
                 continue
+            if system.startswith("crossfit:"):  # every fold's queries, one model each
+                crossfit.setdefault(system.split(":", 1)[1], {}).setdefault(
+                    str(seed), {}).update(res["test_per_query"][res["score_with"]])
+                continue
             s = found.setdefault(system, System(system, cfg.eval.score_with, []))
-            s.runs.append(Run(seed, res["best_dev_ndcg_at_10"], res["best_epoch"],
-                              res["test_per_query"], res.get("transfer_per_query") or {}))
+            s.runs.append(Run(seed=seed, search=search, dev=res["best_dev_ndcg_at_10"],
+                              best_epoch=res["best_epoch"], per_query=res["test_per_query"],
+                              transfer=res.get("transfer_per_query") or {},
+                              scoring=cfg.eval.score_with))
         arms = chosen[ds]
+        best = {arm: _best(searches) for arm, searches in arms.items()}
+        j, c = best["jepa"], best["contrastive"]
+        searches = [Search(arm=arm, index=x["index"], searcher_seed=x["searcher_seed"],
+                           trials=x["trials"], best_trial=x["trial_id"],
+                           best_dev=x["best_dev"], best_epoch=x["best_epoch"],
+                           scoring=x["scoring"], config=describe_config(x["config"]))
+                    for arm, xs in arms.items() for x in xs]
         design = {
-            "space": opts.space, "trials per arm": arms["jepa"]["trials"],
-            "budget": describe_budget(arms["jepa"]["config"], arms["jepa"]["patience"]),
-            "seeds (fresh; the search used seed 0)": list(opts.seeds),
-            **{f"{arm} arm": (f"study {a['study']}: {a['trials']} trials "
-                              f"({a['errored']} errored); best trial {a['trial_id']}, dev "
-                              f"nDCG@10 {a['best_dev']:.4f} at epoch {a['best_epoch']}, "
-                              f"scored with the {a['scoring']}") for arm, a in arms.items()},
-            "J": describe_config(arms["jepa"]["config"]),
-            **{f"no {system} control": "J has no term left without L_pred"
+            "space": opts.space,
+            "searches per arm": f"{opts.searches} (searcher seeds "
+                                f"{sorted({x['searcher_seed'] for x in arms['jepa']})}), "
+                                f"{j['trials']} trials each",
+            "budget": describe_budget(j["config"], j["patience"]),
+            "seeds (fresh; every trial of a search trains with seed 0)": list(opts.seeds),
+            "best_search": {arm: x["index"] for arm, x in best.items()},
+            "J* (best JEPA search by dev)": describe_config(j["config"]),
+            "C* (best contrastive search by dev)": describe_config(c["config"]),
+            "C+pred": (f"C* with the predictor, a {arms['c_pred'][0]['trials']}-trial search "
+                       f"of λ_pred and its shape: " + describe_config(
+                           arms["c_pred"][0]["config"])),
+            **{f"no {system} control": "J* has no term left without L_pred"
                for system in ("capacity", "no_pred") if system not in found},
-            "tuned contrastive": describe_config(arms["contrastive"]["config"]),
         }
-        measured.append(Measured(ds, found, references[ds], design))
+        if "nolabel_jepa" in arms:
+            design["no labels"] = (
+                f"the {opts.nolabel_space} space's arms, trained on pairs made from the corpus "
+                f"alone, {arms['nolabel_jepa'][0]['trials']} trials each, selected on the "
+                f"labelled dev split ({_dev_queries(arms['nolabel_jepa'][0])} queries)")
+        if opts.crossfit:
+            design["cross-fitted"] = (f"{opts.crossfit} folds over train and test queries "
+                                      f"(dev fixed), J*, C* and C+pred, seed {opts.seeds[0]}")
+        ref = references[ds]
+        measured.append(Measured(dataset=ds, systems=found, references=ref["per_query"],
+                                 subsets=ref["subsets"]["test"], design=design,
+                                 searches=searches, crossfit=crossfit or None))
     return measured
+
+
+def _dev_queries(search: dict[str, Any]) -> int | str:
+    """How many labelled dev queries chose a study's best (its best trial's dev split)."""
+    from trainables.data import load_beir, split_for
+
+    cfg = search["config"]
+    try:
+        return len(split_for(load_beir(cfg.data.path), cfg.data)["dev"])
+    except Exception:  # noqa: BLE001 - a description only
+        return "?"
 
 
 def _write(root: Path, measured, uri: str, opts: AnswerOptions, jobs, results,
            timings: dict[str, float], started: float) -> dict[str, Any]:
-    from analysis.answer import answer_dict, dumps, html_report, markdown
+    from analysis.answer import answer_dict
+    from analysis.answer_render import TEST_HEADING, dumps, html_report, markdown
 
     result = answer_dict(measured)
     result["timings_s"] = {**{k: round(v, 1) for k, v in timings.items()},
@@ -291,8 +473,9 @@ def _write(root: Path, measured, uri: str, opts: AnswerOptions, jobs, results,
     paths = {"json": root / "answer.json", "html": root / "answer.html",
              "md": root / "answer.md"}
     paths["json"].write_text(dumps(result))
-    md = markdown(result) + "\n## Time\n\n" + "\n".join(
-        f"- {k}: {v:.0f} s" for k, v in result["timings_s"].items()) + "\n"
+    time_section = "## Time\n\n" + "\n".join(
+        f"- {k}: {v:.0f} s" for k, v in result["timings_s"].items()) + "\n\n"
+    md = markdown(result).replace(TEST_HEADING, time_section + TEST_HEADING, 1)
     paths["md"].write_text(md)
     paths["html"].write_text(html_report({**result}, f"The answer: {opts.name}"))
     _log_mlflow(uri, opts.name, paths, jobs, results, result)
@@ -335,19 +518,23 @@ def _log_mlflow(uri: str, name: str, paths: dict[str, Path], jobs, results,
     for path in paths.values():
         tracker.client.log_artifact(parent.run_id, str(path), S.ARTIFACT_ANSWER)
     numbers = {}
-    for row in result["comparisons"]["in_domain"]:
-        key = S.mlflow_key(f"{row['dataset']}.{row['comparison']}")
-        numbers.update({f"{key}.diff_points": row["diff_points"],
-                        f"{key}.p_permutation_holm": row["p_permutation_holm"]})
+    for family, rows in result["comparisons"].items():
+        for row in rows:
+            key = S.mlflow_key(f"{family}.{row.get('dataset', 'pooled')}.{row['comparison']}")
+            numbers.update({f"{key}.diff_points": row["diff_points"],
+                            f"{key}.ci_adjusted_low": row.get("adj_ci_low_points"),
+                            f"{key}.ci_adjusted_high": row.get("adj_ci_high_points")})
+    numbers = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and v == v}
     # the latest figures, over the point an earlier invocation logged
     tracker.client.log_batch(parent.run_id, metrics=[Metric(k, float(v), now, 0)
                                                      for k, v in numbers.items()])
     tracker.end(parent, S.STATUS_FINISHED, None)
-    for (ds, system, seed, cfg, out_dir), res in zip(jobs, results):
-        run = tracker.run(f"{ds}/{system}/{seed}")
+    for (ds, system, search, seed, cfg, out_dir), res in zip(jobs, results):
+        run = tracker.run(f"{ds}/{system}/{search}/{seed}")
         if run.status == S.STATUS_FINISHED:
             continue
         params = {S.PARAM_DATASET: ds, S.PARAM_SYSTEM: system, S.PARAM_SEED: seed,
+                  "search": search,
                   S.PARAM_SCORE_WITH: cfg.eval.score_with,
                   **flatten(cfg.model_dump(mode="json", exclude={"provenance"}))}
         tracker.fill(run, params, {}, {S.ARTIFACT_CONFIG: cfg.to_yaml()})

@@ -52,30 +52,44 @@ def pytest_collection_modifyitems(items):
 NFCORPUS = SCIFACT.parent / "nfcorpus"
 
 
-@pytest.fixture(scope="session")
-def small_beir(tmp_path_factory) -> Path:
-    """A small BEIR directory cut from NFCorpus: 30 queries of each split, every document
-    they judge plus others, up to 400 documents (encoded in seconds)."""
-    out = tmp_path_factory.mktemp("nfsmall") / "nfsmall"
+def _cut(source: Path, out: Path, per_split: dict[str, int], n_docs: int = 400) -> Path:
+    """A small BEIR directory cut from ``source``: the first queries of each split (at most
+    6 judgements each), every document they judge, others up to ``n_docs`` documents."""
     (out / "qrels").mkdir(parents=True)
     keep_q: set[str] = set()
     judged: set[str] = set()
-    for split in ("train", "dev", "test"):
-        rows = (NFCORPUS / "qrels" / f"{split}.tsv").read_text().splitlines()
+    for split, n in per_split.items():
+        rows = (source / "qrels" / f"{split}.tsv").read_text().splitlines()
         by_q: dict[str, list[str]] = {}
         for line in rows[1:]:
             q, d, rel = line.split("\t")
             by_q.setdefault(q, []).append(line)
-        chosen = sorted(by_q)[:30]
+        chosen = sorted(by_q)[:n]
         lines = [rows[0]] + [ln for q in chosen for ln in by_q[q][:6]]
         (out / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
         keep_q |= set(chosen)
         judged |= {ln.split("\t")[1] for ln in lines[1:]}
-    corpus = [json.loads(ln) for ln in (NFCORPUS / "corpus.jsonl").read_text().splitlines()]
+    corpus = [json.loads(ln) for ln in (source / "corpus.jsonl").read_text().splitlines()]
     docs = [d for d in corpus if d["_id"] in judged]
-    docs += [d for d in corpus if d["_id"] not in judged][:max(0, 400 - len(docs))]
+    docs += [d for d in corpus if d["_id"] not in judged][:max(0, n_docs - len(docs))]
     (out / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    queries = [json.loads(ln) for ln in (NFCORPUS / "queries.jsonl").read_text().splitlines()]
+    queries = [json.loads(ln) for ln in (source / "queries.jsonl").read_text().splitlines()]
     (out / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries
                                                  if q["_id"] in keep_q) + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def small_beir(tmp_path_factory) -> Path:
+    """A small BEIR directory cut from NFCorpus: 30 queries of each split, every document
+    they judge plus others, up to 400 documents (encoded in seconds)."""
+    return _cut(NFCORPUS, tmp_path_factory.mktemp("nfsmall") / "nfsmall",
+                {"train": 30, "dev": 30, "test": 30})
+
+
+@pytest.fixture(scope="session")
+def small_scifact(tmp_path_factory) -> Path:
+    """A small BEIR directory cut from SciFact (no dev split: dev is carved from train): 80
+    train and 40 test queries, up to 400 documents."""
+    return _cut(SCIFACT, tmp_path_factory.mktemp("sfsmall") / "sfsmall",
+                {"train": 80, "test": 40})

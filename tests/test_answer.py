@@ -4,7 +4,6 @@ SciFact plus a small BEIR set cut from NFCorpus (real Ray, Optuna and MLflow; ti
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import optuna
@@ -13,10 +12,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from analysis import schema as S
-from analysis.answer import Measured, Run, System, answer_dict, comparisons, markdown
-from search_spaces.arms import arm_space, retrain_config, systems
+from search_spaces.arms import (arm_space, predictor_space, retrain_config, searched_with,
+                                systems)
 from search_spaces.space import SpaceSpec, shipped_spaces
-from study.answer import AnswerOptions, StudyError, answer, command_line
+from study.answer import AnswerOptions, StudyError, answer, command_line, crossfit_folds
 from trainables.config import RunConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -93,6 +92,67 @@ def test_controls_change_only_what_they_name():
     assert again.eval.extra_data == ["/x/nfcorpus"] and again.eval.evaluate_test
 
 
+def test_searches_differ_in_their_searcher_seed_only():
+    raw = arm_space(_core(), "jepa")
+    again = searched_with(raw, 7)
+    assert again["searcher"]["seed"] == 7 and raw["searcher"]["seed"] == 0
+    assert {k: v for k, v in again.items() if k != "searcher"} == \
+        {k: v for k, v in raw.items() if k != "searcher"}
+
+
+def test_cpred_adds_the_predictor_to_the_tuned_contrastive_config():
+    raw = _core()
+    con = SpaceSpec.from_dict(arm_space(raw, "contrastive"), "contrastive")
+    c = con.trial_config(con.points()[0]).with_overrides(
+        {"train.stop_after_epoch": 9, "train.patience": None})
+    spec = SpaceSpec.from_dict(predictor_space(raw, c, 8, 5), "c_pred")
+    assert spec.num_samples == 5
+    assert set(spec.parameters) == {"loss.lambda_pred", "model.predictor.depth",
+                                    "model.predictor.hidden_mult", "model.predictor.dropout",
+                                    "model.predictor.residual"}
+    assert spec.parameters["loss.lambda_pred"].low == 0.03  # the JEPA arm's range, always on
+    trials = _trials(spec, 10)
+    from trainables.config import flatten
+
+    base = flatten(c.to_dict())
+    for t in trials:  # everything of C but L_pred, its predictor, the budget and scoring
+        diff = {k for k, v in flatten(t.to_dict()).items() if base.get(k) != v}
+        assert diff <= {"loss.lambda_pred", "model.predictor.depth", "loss.stopgrad",
+                        "model.predictor.hidden_mult", "model.predictor.dropout",
+                        "model.predictor.residual", "train.stop_after_epoch",
+                        "train.patience", "eval.score_with", "eval.evaluate_test", "name",
+                        "provenance"}, diff
+        assert t.loss.lambda_pred > 0 and t.train.patience == 8
+        assert t.train.stop_after_epoch is None and t.eval.score_with == "auto"
+    # a start point with the arm's always-on term off has no counterpart in that arm
+    nolabels = yaml.safe_load(shipped_spaces()["no_labels"].read_text())
+    from search_spaces.space import raw_space
+
+    assert len(arm_space(raw_space("no_labels"), "contrastive")["points_to_evaluate"]) == 1
+    assert len(nolabels["points_to_evaluate"]) == 2
+
+
+def test_crossfit_folds_cover_every_query_once_and_keep_dev_apart(tmp_path, scifact_dir):
+    from trainables.data import load_beir, make_splits
+
+    cfg = RunConfig().with_overrides({"data.path": str(scifact_dir)})
+    folds = crossfit_folds(scifact_dir, cfg, 4, tmp_path)
+    splits = make_splits(load_beir(scifact_dir))
+    pool = set(splits["train"]) | set(splits["test"])
+    tests = [set(load_beir(f).qrels["test"]) for f in folds]
+    assert set().union(*tests) == pool and sum(map(len, tests)) == len(pool)  # each once
+    data = load_beir(scifact_dir)
+    for i, fold in enumerate(folds):
+        d = load_beir(fold)
+        assert set(d.qrels["dev"]) == set(splits["dev"])  # the same dev, never in a fold
+        assert set(d.qrels["train"]) == pool - tests[i]
+        assert d.fingerprint() == data.fingerprint()  # the same base features
+        texts = {" ".join(data.queries[q].lower().split()) for q in tests[i]}
+        others = {" ".join(data.queries[q].lower().split()) for q in pool - tests[i]}
+        assert not texts & others  # a query text is in one fold
+    assert 0.2 < len(tests[0]) / len(pool) < 0.3
+
+
 def test_answer_options_refuse_search_seed_and_too_few_seeds():
     with pytest.raises(StudyError, match="search seed"):
         AnswerOptions(data=["x"], seeds=[0, 1])
@@ -100,62 +160,24 @@ def test_answer_options_refuse_search_seed_and_too_few_seeds():
         AnswerOptions(data=["x"], seeds=[1, 1])
     with pytest.raises(StudyError, match="--data"):
         AnswerOptions(data=[])
+    with pytest.raises(StudyError, match="--searches"):
+        AnswerOptions(data=["x"], searches=0)
+    with pytest.raises(StudyError, match="--crossfit"):
+        AnswerOptions(data=["x"], crossfit=1)
 
 
 @pytest.mark.parametrize("opts", [
     AnswerOptions(data=["a", "b"]),
     AnswerOptions(data=["a"], space="quick", num_samples=3, seeds=[2, 7], name="x",
                   storage="s", address="auto", mlflow_uri="sqlite:///m.db",
-                  max_concurrent_trials=2)])
+                  max_concurrent_trials=2, searches=2, pred_samples=3, no_labels=False,
+                  nolabel_space="quick", nolabel_samples=4, crossfit=5)])
 def test_command_line_makes_the_same_options(opts):
     from study.cli import _options, build_parser
 
     line = command_line(opts)
     assert line.startswith("jepa-study answer --data a")
     assert _options(AnswerOptions, build_parser().parse_args(line.split()[1:])) == opts
-
-
-# -- the table -------------------------------------------------------------------------------
-
-def _system(name: str, per_seed: list[dict[str, float]], scoring: str = "query") -> System:
-    return System(name, scoring, [Run(i + 1, 0.5, 3, {"query": q, "predictor": q})
-                                  for i, q in enumerate(per_seed)])
-
-
-def test_comparisons_have_known_answers():
-    rng = random.Random(0)
-    qids = [f"q{i}" for i in range(60)]
-    one = {q: rng.random() for q in qids}
-    base = [one, dict(one), dict(one)]  # three seeds that trained alike
-    shifted = [{q: v + 0.05 for q, v in seed.items()} for seed in base]
-    measured = Measured("toy", {"jepa": _system("jepa", shifted),
-                                "contrastive": _system("contrastive", base),
-                                "capacity": _system("capacity", shifted),
-                                "no_pred": _system("no_pred", base)},
-                        {"bm25": base[0]})
-    rows = {r["comparison"]: r for r in comparisons([measured], n_boot=2000,
-                                                    n_resamples=2000)["in_domain"]}
-    # a constant shift of 0.05 on every query and seed: +5 points, the interval [5, 5]
-    shift = rows["jepa vs tuned contrastive"]
-    assert shift["diff_points"] == pytest.approx(5.0)
-    assert shift["ci_low_points"] == pytest.approx(5.0) == shift["ci_high_points"]
-    assert shift["p_permutation"] < 0.01
-    # identical systems: no difference, p = 1
-    for same in (rows["jepa vs capacity-matched"],  # the same per-query figures
-                 rows["predictor vs query scoring of J"]):  # the same dicts both ways
-        assert same["diff_points"] == 0 and same["p_t"] == 1.0
-        assert same["ci_low_points"] == 0 == same["ci_high_points"]
-    # Holm across the family never lowers a p-value
-    for r in rows.values():
-        assert r["p_permutation_holm"] >= r["p_permutation"]
-    result = answer_dict([measured], n_boot=500, n_resamples=500)
-    assert any("better: +5.00 nDCG points" in v and "the tests reject" in v
-               for v in result["verdicts"])
-    assert any("no difference the interval can tell: +0.00" in v and "do not reject" in v
-               for v in result["verdicts"])
-    text = markdown(result)
-    assert text.index("## Dev figures") < text.index("## Test figures")  # test: last
-    assert "| toy | bm25 |" in text
 
 
 # -- the whole path ----------------------------------------------------------------------------
@@ -181,46 +203,76 @@ TINY_SPACE = {
 }
 
 
+TINY_NOLABELS = {**TINY_SPACE, "name": "tiny_nolabels",
+                 "base": {**TINY_SPACE["base"], "data": {"pairs": "corpus"},
+                          "train": {**TINY_SPACE["base"]["train"], "sampling": "pairs"}}}
+
+
 @pytest.mark.slow
-def test_answer_end_to_end_and_resumable(tmp_path, scifact_dir, scifact_features, small_beir):
+def test_answer_end_to_end_and_resumable(tmp_path, small_scifact, small_beir):
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(TINY_SPACE, sort_keys=False))
-    opts = AnswerOptions(data=[str(scifact_dir), str(small_beir)], space=str(space),
-                         seeds=[1, 2], storage=str(tmp_path / "answers"), verbose=0)
+    nolabels = tmp_path / "tiny_nolabels.yaml"
+    nolabels.write_text(yaml.safe_dump(TINY_NOLABELS, sort_keys=False))
+    opts = AnswerOptions(data=[str(small_scifact), str(small_beir)], space=str(space),
+                         seeds=[1, 2], storage=str(tmp_path / "answers"), verbose=0,
+                         searches=2, num_samples=2, pred_samples=1, nolabel_samples=1,
+                         nolabel_space=str(nolabels), crossfit=2)
     out = answer(opts)
     root = Path(out["answer_dir"])
     result = json.loads(Path(out["json"]).read_text())
-    # per dataset: both arms' studies at equal effort, each choosing on dev
-    for ds in ("scifact", "nfsmall"):
-        for arm in ("jepa", "contrastive"):
-            summary = json.loads((root / ds / "studies" / f"{ds}-{arm}" / "summary.json")
+    # per dataset: each arm searched twice (searcher seeds 0 and 1), C+pred, no-label arms
+    for ds in ("sfsmall", "nfsmall"):
+        for label, trials in (("jepa-s0", 2), ("jepa-s1", 2), ("contrastive-s0", 2),
+                              ("contrastive-s1", 2), ("c_pred", 1), ("nolabel_jepa", 1),
+                              ("nolabel_contrastive", 1)):
+            summary = json.loads((root / ds / "studies" / f"{ds}-{label}" / "summary.json")
                                  .read_text())
-            assert summary["trials"] == 2 and summary["errored"] == 0
-        assert result["design"][ds]["trials per arm"] == 2
-    # every system retrained over the fresh seeds, per-query figures kept, transfer scored
-    systems_ = {(r["dataset"], r["system"]) for r in result["systems"]}
-    assert {("scifact", "jepa"), ("scifact", "contrastive"), ("nfsmall", "zero_shot"),
-            ("nfsmall", "bm25")} <= systems_
-    run = root / "scifact" / "runs" / "jepa" / "seed_2"
+            assert summary["trials"] == trials and summary["errored"] == 0, (ds, label)
+        seeds = [yaml.safe_load((root / ds / "spaces" / f"jepa-s{k}.yaml").read_text())
+                 ["searcher"]["seed"] for k in (0, 1)]
+        assert seeds == [0, 1]
+        nolabel = RunConfig.from_yaml(next((root / ds / "best" / "nolabel_jepa").glob("*.yaml")))
+        assert nolabel.data.pairs == "corpus"
+    # every search's best retrained over the fresh seeds, per-query figures kept, transfer
+    run = root / "sfsmall" / "runs" / "jepa-s1" / "seed_2"
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = RunConfig.from_yaml(run / "config.yaml")
     assert cfg.train.seed == 2 and cfg.train.stop_after_epoch is None
-    assert len(metrics["test_per_query"]["query"]) == 300
+    assert len(metrics["test_per_query"]["query"]) == 40
     assert set(metrics["transfer_per_query"]) == {"nfsmall"}
     assert "test_nfsmall_ndcg_at_10" in metrics["test"]
+    assert metrics["test"]["test_n_seen"] + metrics["test"]["test_n_unseen"] == 40
+    # C+pred: C* with the predictor, trained on C*'s seeds (paired)
+    c_pred = RunConfig.from_yaml(root / "sfsmall" / "runs" / "c_pred-s0" / "seed_1" /
+                                 "config.yaml")
+    assert c_pred.loss.lambda_pred > 0
+    # the cross-fitted runs: two folds of each of J*, C*, C+pred on every dataset
+    for system in ("jepa", "contrastive", "c_pred"):
+        folds = [json.loads((root / "sfsmall" / "crossfit" / "runs" / system / f"fold_{k}" /
+                             "metrics.json").read_text()) for k in (0, 1)]
+        scored = [set(f["test_per_query"]["query"]) for f in folds]
+        assert not scored[0] & scored[1] and len(scored[0] | scored[1]) > 40
     comps = result["comparisons"]
-    assert {r["comparison"] for r in comps["in_domain"]} >= {"jepa vs tuned contrastive",
-                                                            "predictor vs query scoring of J"}
-    assert {r["target"] for r in comps["transfer"]} == {"scifact", "nfsmall"}
-    for r in comps["in_domain"]:
-        assert r["n_seeds_a"] == 2 and r["ci_low_points"] <= r["diff_points"] <= \
-            r["ci_high_points"]
+    assert {"primary", "diagnostic", "subsets", "no_labels", "crossfit"} <= set(comps)
+    primary = {r["comparison"] for r in comps["primary"]}
+    assert {"J vs tuned contrastive", "C+pred vs C"} <= primary
+    assert any(r["on"] == "transfer" for r in comps["diagnostic"])
+    assert {r["subset"] for r in comps["subsets"]} >= {"seen", "unseen"}
+    for family in comps.values():
+        for r in family:
+            assert r["ci_low_points"] <= r["diff_points"] <= r["ci_high_points"]
+            assert r["adj_ci_low_points"] <= r["ci_low_points"] + 1e-9
+            assert r["verdict"] in ("better", "worse", "equivalent", "undecided")
+    refs = {r["system"] for r in result["systems"] if not r.get("seeds")}
+    assert {"zero_shot", "bm25", "doc_prior"} <= refs
     # the MLflow record: a parent run with the report, a child per run with its per-query file
     client = MlflowClient(out["mlflow_uri"])
     exp = client.get_experiment_by_name(S.experiment_name("answer"))
     children = client.search_runs([exp.experiment_id],
-                                  f"tags.`{S.TAG_ROLE}` = '{S.ROLE_RETRAIN}'", max_results=100)
-    n_runs = sum(len(r["seeds"]) for r in result["systems"])
+                                  f"tags.`{S.TAG_ROLE}` = '{S.ROLE_RETRAIN}'", max_results=500)
+    n_runs = len(list((root).glob("*/runs/*/seed_*"))) + len(list(
+        root.glob("*/crossfit/runs/*/fold_*")))
     assert len(children) == n_runs
     assert S.ARTIFACT_PER_QUERY in [a.path for a in client.list_artifacts(
         children[0].info.run_id)]
@@ -229,7 +281,7 @@ def test_answer_end_to_end_and_resumable(tmp_path, scifact_dir, scifact_features
     assert {"answer/answer.html", "answer/answer.json", "answer/answer.md"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "answer")}
     md = Path(out["md"]).read_text()
-    assert md.index("## Design") < md.index("## Test figures") and "## Time" in md
+    assert md.index("## Design") < md.index("## Time") < md.index("## Test figures")
     # again: everything is reused (no study or run repeated), the same table, no new runs
     before = (run / "metrics.json").stat().st_mtime_ns
     again = answer(opts)
@@ -237,4 +289,4 @@ def test_answer_end_to_end_and_resumable(tmp_path, scifact_dir, scifact_features
     assert json.loads(Path(again["json"]).read_text())["comparisons"] == comps
     assert len(client.search_runs([exp.experiment_id],
                                   f"tags.`{S.TAG_ROLE}` = '{S.ROLE_RETRAIN}'",
-                                  max_results=100)) == n_runs
+                                  max_results=500)) == n_runs
