@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from analysis import schema as S
 from analysis import views as V
 from analysis.export import public_uri
-from analysis.runs import METRICS, PARAMS, find_parent, load_runs, load_space, objectives
+from analysis.runs import METRICS, PARAMS, find_parent, load_runs, logged_space, objectives
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def render_report(tracking_uri: str, study_name: str, storage_url: str | None = 
     client = MlflowClient(tracking_uri)
     parent = find_parent(tracking_uri, study_name, experiment_name, client)
     df = load_runs(tracking_uri, study_name, experiment_name)
-    metrics, modes = objectives(load_space(tracking_uri, parent.info.run_id))
+    metrics, modes = objectives(logged_space(tracking_uri, parent.info.run_id))
     storage_url = storage_url or _study_storage(parent.data.tags)
     multi = len(metrics) > 1 or _n_objectives(storage_url, study_name) > 1
     metric, mode = metrics[0], modes[0]

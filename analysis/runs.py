@@ -164,8 +164,9 @@ def load_history(tracking_uri: str, run_ids: str | Iterable[str],
     return df.sort_values(["run_id", "key", "step"], kind="stable").reset_index(drop=True)
 
 
-def load_space(tracking_uri: str, parent_run_id: str) -> dict[str, Any]:
-    """The study's search space as logged on the parent run (``space.yaml``), as a mapping.
+def logged_space(tracking_uri: str, parent_run_id: str) -> dict[str, Any]:
+    """The study's search space as logged on the parent run (``space.yaml``), as a mapping
+    (not ``search_spaces.space.load_space``, which loads and validates a space file).
 
     Read raw (not validated): the report only needs ``metric`` and ``mode``, and a space
     from an older code version should still be readable. Empty when the artifact is missing.

@@ -1,19 +1,22 @@
-"""Study-level figures: trial overhead (1), study throughput (3), scaling out (4).
+"""Study-level figures: trial overhead (1), study throughput (3), scaling out (4), status (12).
 
 1. Trial overhead: ``jepa-study launch`` of a one-trial study against ``jepa-study train`` of
    the same config, both as commands (what a user pays), alternating; plus the per-trial
-   overhead inside a running study (Ray start-up is paid once per study, not per trial).
+   overhead inside a running study (Ray start-up is paid once per study, not per trial) and
+   the per-epoch A/B: the trial's epochs (which never score test) against ``train``'s.
 3. Throughput: trials per hour of ``quick.yaml`` at 1 and 2 concurrent trials.
 4. Scaling out: 8 trials on a simulated 2-node cluster (1 CPU each) against 1 node with
    1 CPU (target <= 0.6x the wall time).
+12. ``jepa-study status`` of a finished 24-trial study, as a command (target <= 0.5 s).
 
-Usage: ``python -m benchmarks.bench_study [--quick] [--figures 1,3,4]``.
+Usage: ``python -m benchmarks.bench_study [--quick] [--figures 1,3,4,12]``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +80,7 @@ def figure_overhead(tmp: Path, quick: bool, reps: int, epochs: int | None,
     from search_spaces.space import load_space
 
     load_space(space).base_config().to_yaml(config)
-    n = [0]
+    n = [0, 0]  # launches, trainings
 
     # On CUDA the trial is a TorchTrainer run with one DDP worker holding the GPU (bf16
     # autocast: train.amp), and `train` picks the GPU by itself.
@@ -88,12 +91,33 @@ def figure_overhead(tmp: Path, quick: bool, reps: int, epochs: int | None,
         _cli("launch", "--space", str(space), "--storage", str(tmp / f"s{n[0]}"), *gpu_args)
 
     def train() -> None:
-        _cli("train", "--config", str(config), "--out", str(tmp / f"t{time.time()}"), "--quiet")
+        n[1] += 1
+        _cli("train", "--config", str(config), "--out", str(tmp / f"t{n[1]}"), "--quiet")
 
     times = alternate({"launch (1 trial)": launch, "train": train}, reps)
     inside = _trial_times(tmp / "s1" / "overhead")
+    # per epoch, rep by rep: the study's trial (no test scoring in any epoch) against `train`
+    per_epoch = []
+    for rep in range(1, reps + 1):
+        (result,) = (tmp / f"s{rep}" / "overhead").glob("ray/*/*/result.json")
+        trial = [json.loads(x)["epoch_time_s"] for x in result.read_text().splitlines()]
+        alone = [h["epoch_time_s"] for h in
+                 json.loads((tmp / f"t{rep}" / "metrics.json").read_text())["history"]]
+        per_epoch.append({"trial_epoch_s": statistics.median(trial),
+                          "train_epoch_s": statistics.median(alone)})
     return {"launch_s": summary(times["launch (1 trial)"]), "train_s": summary(times["train"]),
-            "ratio": ratio(times["launch (1 trial)"], times["train"]), "trial_inside": inside}
+            "ratio": ratio(times["launch (1 trial)"], times["train"]), "trial_inside": inside,
+            "epoch": per_epoch, "epoch_ratio": ratio([e["trial_epoch_s"] for e in per_epoch],
+                                                     [e["train_epoch_s"] for e in per_epoch])}
+
+
+def figure_status(tmp: Path, quick: bool, reps: int) -> dict:
+    """``jepa-study status`` on a finished study of 24 short trials, as a command, ``reps``
+    times (the interpreter's start included)."""
+    space = _space(tmp, "status", 1, 24, steps=2, search=True)
+    _cli("launch", "--space", str(space), "--storage", str(tmp / "st"))
+    times = [_cli("status", str(tmp / "st" / "status")) for _ in range(max(reps, 5))]
+    return {"status_s": summary(times)}
 
 
 def figure_throughput(tmp: Path, quick: bool) -> dict:
@@ -139,7 +163,7 @@ def figure_scaling(tmp: Path, quick: bool) -> dict:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--figures", default="1,3,4")
+    p.add_argument("--figures", default="1,3,4,12")
     p.add_argument("--overhead-epochs", type=int, default=None,
                    help="epochs of the figure-1 training (default 143: ~60 s on one core)")
     args = p.parse_args()
@@ -155,10 +179,16 @@ def main() -> None:
             print(table(["figure 1", "median [min, max]"], [
                 ["launch, 1-trial study (s)", spread(f1["launch_s"])],
                 ["train, same config (s)", spread(f1["train_s"])],
-                ["ratio launch / train (target <= 1.15)", spread(f1["ratio"])]]))
+                ["ratio launch / train (target <= 1.10)", spread(f1["ratio"])],
+                ["per epoch: trial / train (target <= 1.05)", spread(f1["epoch_ratio"])]]))
             for row in f1["trial_inside"]:
                 print(f"  inside the study: trial {row['trial_s']:.1f} s, loop "
                       f"{row['loop_s']:.1f} s, ratio {row['trial_s'] / row['loop_s']:.3f}")
+        if 12 in figures:
+            f12 = payload["status"] = figure_status(tmp, args.quick, args.reps or 5)
+            print(table(["figure 12", "median [min, max]"], [
+                ["jepa-study status, finished 24-trial study (s; target <= 0.5)",
+                 spread(f12["status_s"])]]))
         if 3 in figures:
             f3 = payload["throughput"] = figure_throughput(tmp, args.quick)
             print(table(["figure 3: concurrent trials", "wall s", "trials/hour"],

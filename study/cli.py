@@ -1,7 +1,7 @@
 """The ``jepa-study`` command line: every command is a few lines that call one function.
 
-Heavy imports (torch, Ray, MLflow) happen inside the commands, so ``--help`` and config
-errors come back at once.
+Heavy imports (torch, Ray, MLflow) happen inside the commands, so ``--help``, ``status`` and
+config errors come back at once. ``launch``'s flags are built from ``StudyOptions``' fields.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import json
 import signal
 import sys
 import threading
-from dataclasses import fields
+import typing
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence
+
+from study.study import Study, StudyOptions
 
 
 def _load_run_config(spec: str, data: str | None):
@@ -69,64 +72,55 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from study.launcher import StudyOptions, launch
+    from study.launcher import launch
 
-    _print_summary(launch(_options(StudyOptions, args)))
-    return 0
+    return _print_summary(launch(_options(StudyOptions, args)))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from study.launcher import resume
 
-    _print_summary(resume(args.study))
-    return 0
+    return _print_summary(resume(args.study))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from study.studydir import status
-
-    print(json.dumps(status(args.study), indent=1, default=str))
+    print(json.dumps(Study.open(args.study).status(), indent=1, default=str))
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from study.sync import sync
 
-    print(json.dumps(sync(args.study).as_dict(), indent=1))
+    print(json.dumps(sync(Study.open(args.study)).as_dict(), indent=1))
     return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from study.scoring import score_study
+    from study.scoring import score
     from study.sync import sync
 
-    done = score_study(args.study, top=args.top)
-    sync(args.study)
+    study = Study.open(args.study)
+    done = score(study, top=args.top)
+    sync(study)
     print(json.dumps(done, indent=1))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from study.reporting import study_report
+    from study.reporting import report
 
-    path = study_report(args.study, out=args.out)
+    path = report(Study.open(args.study), out=args.out)
     print(f"wrote {path} (also logged on the study's parent MLflow run)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from study.reporting import study_export
-    from trainables.config import ConfigError, is_test_metric
-
-    if is_test_metric(args.metric):
-        raise ConfigError(f"--metric {args.metric}: a test figure; test is reported, never "
-                          "used to choose (rank by a dev figure such as best_dev_ndcg_at_10)")
-
     from analysis.export import SUMMARY_FIGURES
+    from study.reporting import export
     from trainables.config import RunConfig
 
-    for path in study_export(args.study, top=args.top, metric=args.metric, mode=args.mode,
-                             out=args.out):
+    for path in export(Study.open(args.study), top=args.top, metric=args.metric,
+                       mode=args.mode, out=args.out):
         prov = RunConfig.from_yaml(path).provenance
         shown = ", ".join(f"{k.removeprefix('best_')} {prov[k]}" for k in SUMMARY_FIGURES
                           if k in prov)
@@ -149,49 +143,96 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _options(kind: type, args: argparse.Namespace) -> Any:
-    """The options dataclass ``kind`` from the parsed arguments of the same names."""
+    """The options dataclass ``kind`` from the parsed arguments of the same names (those not
+    given take the dataclass's defaults)."""
     return kind(**{f.name: getattr(args, f.name) for f in fields(kind) if hasattr(args, f.name)})
 
 
-def _print_summary(summary: dict) -> None:
+def _add_options(p: argparse.ArgumentParser, kind: type, about: dict | None = None) -> None:
+    """A flag per field of the options dataclass ``kind`` (``verbose`` aside): the field's
+    name as ``--name-with-dashes`` (or its ``flag``), help and argparse keywords from its
+    metadata or from ``about[name]``, the type from its annotation (a list: one or more
+    values; a bool: ``true``/``false``), and no default of its own: the field's applies, so
+    each default is written once, in the dataclass."""
+    hints = typing.get_type_hints(kind)
+    for f in fields(kind):
+        if f.name == "verbose":
+            continue
+        cli = {**(about or {}).get(f.name, {}), **f.metadata}
+        flag = cli.pop("flag", "--" + f.name.replace("_", "-"))
+        hint = hints[f.name]
+        if typing.get_origin(hint) is list:
+            cli.setdefault("type", typing.get_args(hint)[0])
+            cli.setdefault("nargs", None if cli.get("action") == "append" else "+")
+        else:
+            hint = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            cli.setdefault("type", _boolean if hint is bool else hint)
+        if f.default is MISSING and f.default_factory is MISSING:
+            cli["required"] = True
+        p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, **cli)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _print_summary(summary: dict) -> int:
     print(json.dumps(summary, indent=1, default=str))
-    uri = summary["mlflow_uri"]
     print(f"\nstudy directory: {summary['study_dir']}")
-    print(f"compare runs:    mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"compare runs:    mlflow ui --backend-store-uri {summary['mlflow_uri']} "
+          "--host 127.0.0.1")
     print(f"status:          jepa-study status {summary['study_dir']}")
+    return 0
+
+
+class _Command(argparse.ArgumentParser):
+    """A command's parser; ``options(parser)`` adds its flags when the command is parsed, so
+    that building the parser imports no command's options (``--help``, ``status``)."""
+
+    def __init__(self, *args: Any, options: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_flags = options
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._add_flags is not None:
+            self._add_flags, add = None, self._add_flags
+            add(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _answer_options(p: argparse.ArgumentParser) -> None:
+    from study.answer import AnswerOptions
+
+    help_of = {f.name: f.metadata.get("help") for f in fields(StudyOptions)}
+    _add_options(p, AnswerOptions, {
+        "data": {"action": "append", "metavar": "DIR", "help": "a BEIR directory; repeat for "
+                 "each dataset (transfer between them is scored too)"},
+        "space": {"help": "the space both arms search"},
+        "seeds": {"help": "fresh seeds of the retrained runs (the search uses seed 0)"},
+        "storage": {"help": "parent directory of answers"},
+        "address": {"help": help_of["address"]},
+        "mlflow_uri": {"help": "tracking URI (default: sqlite store in the answer)"},
+        "max_concurrent_trials": {"help": help_of["max_concurrent_trials"]}})
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jepa-study", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Command)
+    help_of = {f.name: f.metadata.get("help") for f in fields(StudyOptions)}
 
     p = sub.add_parser("train", help="run one training from a config file or preset")
     p.add_argument("--config", required=True, help="YAML file, or preset: minimal|hybrid|full")
-    p.add_argument("--data", help="BEIR directory (default: see README, 'Data')")
+    p.add_argument("--data", help=help_of["data"])
     p.add_argument("--out", help="output directory (default runs/<name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _checkpoint_interval_arg(p)
+    p.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="SECONDS",
+                   dest="checkpoint_interval_s", help=help_of["checkpoint_interval_s"])
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("launch", help="run a study (default: the quick space on SciFact)")
-    p.add_argument("--space", default="quick", help="space file or shipped name "
-                   "(quick, jepa_core, seed_phases)")
-    p.add_argument("--num-samples", type=int, help="trials (default: the space's)")
-    p.add_argument("--data", help="BEIR directory")
-    p.add_argument("--address", help="Ray cluster: auto or ray://host:10001 (default: local)")
-    p.add_argument("--num-workers", type=int, default=1, help="Train workers per trial (DDP)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--max-concurrent-trials", type=int)
-    p.add_argument("--execution", default="auto", choices=["auto", "direct", "train"],
-                   help="direct: loop inside the Tune trial (1 CPU worker); train: TorchTrainer")
-    _checkpoint_interval_arg(p)
-    p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite store in the study)")
-    p.add_argument("--name", help="study name (default: the space's)")
-    p.add_argument("--storage", default="studies", help="parent directory of studies")
-    p.add_argument("--warm-start", action="append", default=[], metavar="STUDY_OR_CONFIGS",
-                   help="evaluate these first: a study directory (its top 3 trials), an "
-                   "exported YAML file or a directory of them; repeatable")
+    _add_options(p, StudyOptions)
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("test", help="score a study's best trials on test from their kept "
@@ -215,21 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory (default <study>/exported)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("answer", help="does the JEPA predictor help? arms at equal effort, "
-                       "controls, fresh seeds, tests over queries, per dataset")
-    p.add_argument("--data", action="append", required=True, metavar="DIR",
-                   help="a BEIR directory; repeat for each dataset (transfer between them "
-                   "is scored too)")
-    p.add_argument("--space", default="jepa_core", help="the space both arms search")
-    p.add_argument("--num-samples", type=int, help="trials per arm and dataset "
-                   "(default: the space's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
-                   help="fresh seeds of the retrained runs (the search uses seed 0)")
-    p.add_argument("--name", default="answer")
-    p.add_argument("--storage", default="answers", help="parent directory of answers")
-    p.add_argument("--address", help="Ray cluster: auto or ray://host:10001 (default: local)")
-    p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite store in the answer)")
-    p.add_argument("--max-concurrent-trials", type=int)
+    p = sub.add_parser("answer", options=_answer_options, help="does the JEPA predictor "
+                       "help? arms at equal effort, controls, fresh seeds, tests over queries, "
+                       "per dataset")
     p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("ui", help="MLflow UI on a study's store (127.0.0.1 by default)")
@@ -238,18 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("resume", help="continue an interrupted study")
-    p.add_argument("study", help="study directory")
-    p.set_defaults(func=cmd_resume)
-
-    p = sub.add_parser("status", help="trials done / running / failed")
-    p.add_argument("study", help="study directory")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("sync", help="bring the study's MLflow runs up to date with its record "
-                       "(Tune's results, Optuna's storage); safe to repeat")
-    p.add_argument("study", help="study directory")
-    p.set_defaults(func=cmd_sync)
+    for name, func, about in (
+            ("resume", cmd_resume, "continue an interrupted study"),
+            ("status", cmd_status, "trials done / running / failed"),
+            ("sync", cmd_sync, "bring the study's MLflow runs up to date with its record "
+             "(Tune's results, Optuna's storage); safe to repeat")):
+        p = sub.add_parser(name, help=about)
+        p.add_argument("study", help="study directory")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("baseline", help="zero-shot metrics of the base encoder")
     p.add_argument("--config", help="take model and data from this config")
@@ -267,13 +292,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _checkpoint_interval_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="SECONDS",
-                   dest="checkpoint_interval_s",
-                   help="least seconds between two checkpoints besides the first and last "
-                   "epoch's (0: every epoch); a run that fails redoes at most that much")
-
-
 def _terminate(signum, frame) -> None:
     """SIGTERM (a job scheduler, ``kill``) stops the command as Ctrl-C does, always.
 
@@ -289,26 +307,31 @@ def _terminate(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from search_spaces.space import SpaceError
-    from study.studydir import StudyError
-    from trainables.config import ConfigError
-    from trainables.data import DataError
+#: the errors that mean bad input (exit 2, one line), by the module that defines each
+USER_ERRORS = {"trainables.config": "ConfigError", "trainables.data": "DataError",
+               "search_spaces.space": "SpaceError", "study.study": "StudyError"}
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # Every command stops on SIGTERM as on Ctrl-C (exit 130): a study's runs end KILLED
         # and it stays resumable; `ui` takes its MLflow server down with it.
         signal.signal(signal.SIGTERM, _terminate)
-    errors: tuple[type[BaseException], ...] = (ConfigError, DataError, SpaceError, StudyError)
     try:
         return args.func(args)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # an error type whose module was never imported cannot have been raised: the check
+        # imports nothing (``status`` stays light)
+        user = tuple(getattr(sys.modules[m], n) for m, n in USER_ERRORS.items()
+                     if m in sys.modules)
+        if not isinstance(exc, user):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
-"""The study-level glue of ``report``, ``export``, ``ui`` and ``launch --warm-start``.
-
-Each function finds a study's stores from its directory (``study.json``) and calls the
-analysis package, which knows nothing about study directories.
+"""The study-level glue of ``report``, ``export`` and ``ui``: each takes a study's stores
+from its handle and calls the analysis package, which knows nothing about study directories.
 """
 
 from __future__ import annotations
@@ -11,53 +9,33 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
-from study.studydir import StudyError, load_meta, optuna_url
-
-WARM_START_TOP = 3
+from study.study import Study, StudyError
 
 
-def study_report(study: str | Path, out: str | Path | None = None) -> Path:
+def report(study: Study, out: str | Path | None = None) -> Path:
     """Writes ``report.html`` (and logs it with its figures on the parent MLflow run)."""
     from analysis.report import log_report, render_report
 
-    meta = load_meta(study)
-    uri, name, study_dir = meta["mlflow_uri"], meta["name"], meta["dir"]
-    report = render_report(uri, name, optuna_url(study_dir))
-    path = Path(out) if out else study_dir / "report.html"
+    rendered = render_report(study.mlflow_uri, study.name, study.optuna_url)
+    path = Path(out) if out else study.dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.html, encoding="utf-8")
-    log_report(uri, report.parent_run_id, path, report.figures)
+    path.write_text(rendered.html, encoding="utf-8")
+    log_report(study.mlflow_uri, rendered.parent_run_id, path, rendered.figures)
     return path
 
 
-def study_export(study: str | Path, top: int = 1, metric: str = "dev_ndcg_at_10",
-                 mode: str = "max", out: str | Path | None = None) -> list[Path]:
+def export(study: Study, top: int = 1, metric: str = "best_dev_ndcg_at_10", mode: str = "max",
+           out: str | Path | None = None) -> list[Path]:
     """The ``top`` trials' resolved configs as YAML files that ``jepa-study train`` reruns."""
     from analysis.export import export_configs
+    from trainables.config import ConfigError, is_test_metric
 
-    meta = load_meta(study)
-    return export_configs(meta["mlflow_uri"], meta["name"], out or meta["dir"] / "exported",
-                          top=top, metric=metric, mode=mode)
-
-
-def warm_start_configs(sources: list[str], scratch: Path) -> list[dict[str, Any]]:
-    """Run-config dicts to evaluate first: from study directories (their best trials) or
-    exported YAML files / directories of them."""
-    from analysis.export import load_warm_start
-
-    configs = []
-    for source in sources:
-        path = Path(source).expanduser()
-        if (path / "study.json").exists():
-            files = study_export(path, top=WARM_START_TOP, out=scratch / path.name)
-            configs += load_warm_start(files)
-        elif path.exists():
-            configs += load_warm_start(path)
-        else:
-            raise StudyError(f"--warm-start {source}: no such study, file or directory")
-    return [c.to_dict() for c in configs]
+    if is_test_metric(metric):
+        raise ConfigError(f"--metric {metric}: a test figure; test is reported, never used to "
+                          "choose (rank by a dev figure such as best_dev_ndcg_at_10)")
+    return export_configs(study.mlflow_uri, study.name, out or study.dir / "exported", top=top,
+                          metric=metric, mode=mode)
 
 
 def newest_study(storage: str | Path = "studies") -> Path:
@@ -69,8 +47,7 @@ def newest_study(storage: str | Path = "studies") -> Path:
 
 def ui_command(study: str | Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """``mlflow ui`` on the study's tracking store, bound to ``host`` (loopback by default)."""
-    meta = load_meta(study)
-    uri = meta["mlflow_uri"]
+    uri = Study.open(study).mlflow_uri
     if uri.startswith(("http://", "https://")):
         raise StudyError(f"this study logs to the tracking server {uri}: open it there")
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
@@ -99,7 +76,7 @@ def serve_ui(study: str | Path | None, host: str = "127.0.0.1", port: int = 5000
                     return proc.returncode or 1
                 time.sleep(0.5)
         print(f"MLflow UI: {address}  (Ctrl-C to stop)", flush=True)
-        runs = _study_runs_page(address, load_meta(study_dir)["name"])
+        runs = _study_runs_page(address, Study.open(study_dir).name)
         if runs:
             print(f"study runs: {runs}", flush=True)
         return proc.wait()

@@ -16,16 +16,15 @@ import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from mlflow.entities import Metric
 
 from analysis import schema as S
-from study.studydir import (StudyError, describe, experiment_dir, is_live, load_meta,
-                            optuna_counts, summarize, trial_output_dir)
-from study.tracking import StudyTracker, TrackedRun, TrackingError, metric_entries
+from study.study import Study
+from study.tracking import StudyTracker, TrackedRun, metric_entries
+from study.trial import trial_dir
 
 #: Tune's statuses of a trial that has ended, as MLflow run statuses
 ENDED = {"TERMINATED": S.STATUS_FINISHED, "ERROR": S.STATUS_FAILED}
@@ -100,9 +99,8 @@ def _analysis(experiment: Path, attempts: int = 5):
             time.sleep(0.5)
 
 
-def _results(trial_dir: Path) -> list[dict[str, Any]]:
-    path = trial_dir / "result.json"
-    rows = []
+def _results(trial_path: Path) -> list[dict[str, Any]]:
+    path, rows = trial_path / "result.json", []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
             rows.append(json.loads(line))
@@ -111,23 +109,17 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def result_metrics(result: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """A Tune result as ``(step, metrics)``: the epoch (else Tune's iteration) and all that is
-    not Tune's bookkeeping."""
-    from ray.tune.result import AUTO_RESULT_KEYS
-
-    step = result.get("epoch", result.get("training_iteration", 0))
-    return int(step), {k: v for k, v in result.items()
-                       if k not in _BOOKKEEPING and k not in AUTO_RESULT_KEYS}
+def stop_file(study_dir: str | Path, trial_id: str) -> Path:
+    """Why the collapse guard stopped a trial (written by ``study.tuner.CollapseStopper``)."""
+    return Path(study_dir) / "stops" / f"{trial_id}.txt"
 
 
 def stop_reason(study_dir: str | Path, max_epochs: int, trial: Any) -> str:
     """Why a trial that ended without error ended: the collapse guard (its marker file), the
     loop's own end (budget, patience), or the scheduler (ASHA)."""
-    marker = Path(study_dir) / "stops" / f"{trial.trial_id}.txt"
+    marker, result = stop_file(study_dir, trial.trial_id), trial.last_result or {}
     if marker.exists():
         return marker.read_text()
-    result = trial.last_result or {}
     if result.get("end_reason"):
         return str(result["end_reason"])
     epoch = result.get("epoch")
@@ -152,43 +144,34 @@ def trial_error(trial: Any) -> str:
 
 # -- what the view shows of the record -------------------------------------------------------
 
-def open_tracker(meta: dict[str, Any], spec: Any) -> StudyTracker:
-    return StudyTracker(meta["mlflow_uri"], meta["name"], description=describe(meta, spec))
-
-
-def open_study(tracker: StudyTracker, meta: dict[str, Any], spec: Any) -> TrackedRun:
-    """The parent run, found or created, with the study's fields, and RUNNING: a driver runs
-    the study (again, on resume)."""
-    parent = tracker.run()
-    fill_study(tracker, parent, meta, spec)
-    tracker.reopen(parent)
+def open_study(study: Study) -> TrackedRun:
+    """The parent run, found or created, with the study's params, tags and space, and RUNNING:
+    a driver runs the study (again, on resume)."""
+    parent = study.tracker().run()
+    _fill_parent(study, parent)
+    study.tracker().reopen(parent)
     return parent
 
 
-def fill_study(tracker: StudyTracker, parent: TrackedRun, meta: dict[str, Any],
-               spec: Any) -> None:
-    """The parent run's params, tags and the space as ``space.yaml``."""
-    opts = meta["options"]
-    params = {S.PARAM_SPACE: spec.name,
-              S.PARAM_NUM_SAMPLES: opts.get("num_samples") or spec.num_samples,
-              S.PARAM_DATA: meta["data_dir"],
-              S.PARAM_SEED: getattr(spec.searcher_spec, "seed", None),
-              S.PARAM_NUM_WORKERS: opts.get("num_workers"),
-              S.PARAM_GPUS_PER_WORKER: opts.get("gpus_per_worker"),
-              **{S.version_param(p): _version(p) for p in ("ray", "optuna", "mlflow", "torch")},
-              S.PARAM_PYTHON: platform.python_version()}
-    tags = {S.TAG_GIT_COMMIT: meta.get("git_commit", "unknown"), S.TAG_STUDY_DIR: str(meta["dir"]),
-            S.TAG_ROLE: S.ROLE_STUDY, S.TAG_STUDY: tracker.study_name}
-    tracker.fill(parent, params, tags, {S.ARTIFACT_SPACE: Path(meta["space_file"]).read_text()})
-
-
-def _version(package: str) -> str:
+def _fill_parent(study: Study, parent: TrackedRun) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "unknown"
+
+    o, space = study.options, study.space
+    params = {S.PARAM_SPACE: space.name, S.PARAM_NUM_SAMPLES: study.num_samples,
+              S.PARAM_DATA: study.data_dir,
+              S.PARAM_SEED: getattr(space.searcher_spec, "seed", None),
+              S.PARAM_NUM_WORKERS: o.num_workers, S.PARAM_GPUS_PER_WORKER: o.gpus_per_worker,
+              **{S.version_param(p): installed(p) for p in ("ray", "optuna", "mlflow", "torch")},
+              S.PARAM_PYTHON: platform.python_version()}
+    tags = {S.TAG_GIT_COMMIT: study.git_commit, S.TAG_ROLE: S.ROLE_STUDY,
+            S.TAG_STUDY_DIR: str(study.dir), S.TAG_STUDY: study.name}
+    study.tracker().fill(parent, params, tags, {S.ARTIFACT_SPACE: study.space_file.read_text()})
 
 
 @dataclass
@@ -209,6 +192,10 @@ class TrialWriter:
     max_epochs: int
     trial_config: Callable[[dict], Any] | None = None
 
+    @classmethod
+    def of(cls, study: Study) -> "TrialWriter":
+        return cls(study.tracker(), str(study.dir), study.max_epochs, study.trial_config)
+
     def write(self, trial: TrialRecord, run: TrackedRun | None = None, *, live: bool = True,
               leftover: tuple[str, str] = (S.STATUS_KILLED, S.STOP_REASON_ORPHANED),
               report: SyncReport | None = None) -> TrackedRun | None:
@@ -224,13 +211,12 @@ class TrialWriter:
                 return None  # never started: nothing to show
             run = tracker.run(trial.trial_id)
             report.created.append(trial.trial_id)
-        params, text = trial_fields(self.trial_config, trial.config) if not run.params \
-            else (None, None)
+        params, text = self._fields(trial.config) if not run.params else (None, None)
         tracker.fill(run, params, {S.TAG_PARENT_RUN_ID: tracker.run().run_id,
                                    S.TAG_RUN_NAME: trial.name}, {S.ARTIFACT_CONFIG: text})
         report.logged += _log_results(tracker, run, trial.results)
         if trial.status in ENDED or not live:
-            _log_per_query(tracker, run, trial_output_dir(self.study_dir, trial.trial_id))
+            _log_per_query(tracker, run, trial_dir(self.study_dir, trial.trial_id))
         if trial.status in ENDED:
             want = ENDED[trial.status]
             if run.status != want or S.TAG_STOP_REASON not in run.tags:
@@ -245,31 +231,28 @@ class TrialWriter:
             report.orphaned.append(trial.trial_id)
         return run
 
+    def _fields(self, config: dict[str, Any]) -> tuple[dict, str]:
+        """A trial's params (its run config flattened, and its searched values under
+        ``search.``) and its config as YAML: the view's own copy of the run config, built
+        from the record (the trial's Tune config) when the run has no params yet."""
+        if self.trial_config is None:
+            import yaml
 
-def trial_fields(trial_config: Callable[[dict], Any] | None,
-                 config: dict[str, Any]) -> tuple[dict, str | None]:
-    """A trial's params (its run config flattened, and its searched values under ``search.``)
-    and its config as YAML, from one build of its run config."""
-    if trial_config is None:
-        import yaml
+            return dict(config), yaml.safe_dump(dict(config), sort_keys=True)
+        from trainables.config import flatten
 
-        return dict(config), yaml.safe_dump(dict(config), sort_keys=True)
-    from trainables.config import flatten
-
-    cfg = trial_config(config)
-    return ({**flatten(cfg.to_dict()), **{S.search_key(k): v for k, v in config.items()}},
-            cfg.to_yaml())
+        cfg = self.trial_config(config)
+        return ({**flatten(cfg.to_dict()), **{S.search_key(k): v for k, v in config.items()}},
+                cfg.to_yaml())
 
 
 # -- sync ------------------------------------------------------------------------------------------
 
-def sync(study: str | Path, *, tracker: StudyTracker | None = None,
-         trials: list[TrialRecord] | None = None, live: bool | None = None,
+def sync(study: Study, *, trials: list[TrialRecord] | None = None, live: bool | None = None,
          ending: tuple[str, str | None] | None = None) -> SyncReport:
-    """Makes the MLflow view of the study in ``study`` whole from its record.
+    """Makes the MLflow view of ``study`` whole from its record.
 
     Args:
-        tracker: The tracker to write with (default: one for the study's tracking URI).
         trials: Tune's record of the trials, if read already (:func:`read_trials`).
         live: Whether a driver runs the study (default: whether one holds its lock): the runs
             of its unfinished trials stay RUNNING.
@@ -278,25 +261,15 @@ def sync(study: str | Path, *, tracker: StudyTracker | None = None,
             the study has its summary; runs left RUNNING by a driver that is gone KILLED as
             orphaned.
     """
-    from search_spaces.space import load_space
-
-    meta = load_meta(study)
-    spec = load_space(meta["space_file"])
-    live = is_live(meta["dir"]) if live is None else live
-    if tracker is None:
-        tracker = open_tracker(meta, spec)
-        try:
-            tracker.check_reachable()
-        except TrackingError as exc:
-            raise StudyError(f"{exc}: nothing was synced") from None
+    tracker = study.tracker()
+    live = study.live if live is None else live
     tracker.forget()
-    trials = read_trials(experiment_dir(meta)) if trials is None else trials
+    trials = read_trials(study.experiment_dir) if trials is None else trials
     report = SyncReport(trials=len(trials))
     found = _study_runs(tracker)
     parent = _one_run(tracker, None, found.pop(None, []), report) or tracker.run()
-    fill_study(tracker, parent, meta, spec)
-    writer = TrialWriter(tracker, str(meta["dir"]), spec.base_config().train.total_epochs,
-                         partial(spec.trial_config, data_path=meta["data_dir"]))
+    _fill_parent(study, parent)
+    writer = TrialWriter.of(study)
     leftover = (S.STATUS_KILLED, (ending and ending[1]) or S.STOP_REASON_ORPHANED)
     statuses: dict[str, int] = {}
     for trial in trials:
@@ -312,11 +285,10 @@ def sync(study: str | Path, *, tracker: StudyTracker | None = None,
             tracker.end(run, *leftover)
             report.orphaned.append(trial_id)
         statuses[run.status] = statuses.get(run.status, 0) + 1
-    _summarize(tracker, parent, meta, spec, trials, statuses)
-    _log_references(tracker, parent, meta["dir"])
+    _summarize(study, parent, trials, statuses)
     if ending is not None:
         tracker.end(parent, *ending)
-    elif not live and (meta["dir"] / "summary.json").exists():
+    elif not live and (study.dir / "summary.json").exists():
         tracker.end(parent, S.STATUS_FINISHED, None)
     elif not live and parent.status == S.STATUS_RUNNING:
         tracker.end(parent, S.STATUS_KILLED, S.STOP_REASON_ORPHANED)
@@ -383,10 +355,13 @@ def _rebuild(tracker: StudyTracker, key: str | None, run: TrackedRun,
 
 
 def _log_results(tracker: StudyTracker, run: TrackedRun, results: list[dict]) -> int:
+    from ray.tune.result import AUTO_RESULT_KEYS
+
     points, nonfinite = [], []
-    for result in results:
-        step, metrics = result_metrics(result)
-        finite, bad = metric_entries(metrics)
+    for result in results:  # the step: the epoch, else Tune's iteration
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        finite, bad = metric_entries({k: v for k, v in result.items()
+                                      if k not in _BOOKKEEPING and k not in AUTO_RESULT_KEYS})
         stamp = int(float(result.get("timestamp") or time.time()) * 1000)
         points += [Metric(k, v, stamp, step) for k, v in finite.items()]
         nonfinite += [(k, step) for k in bad]
@@ -395,12 +370,12 @@ def _log_results(tracker: StudyTracker, run: TrackedRun, results: list[dict]) ->
     return logged
 
 
-def _log_per_query(tracker: StudyTracker, run: TrackedRun, trial_dir: Path) -> None:
+def _log_per_query(tracker: StudyTracker, run: TrackedRun, trial_path: Path) -> None:
     """The test figures the study scored from the trial's kept best epoch
     (``per_query.json``, see ``study.scoring``): its means on all, seen and unseen queries as
     ``best_test_*`` metrics at that epoch's step, and the file as the run's artifact, logged
     again only when a later best epoch replaced it."""
-    path = trial_dir / S.ARTIFACT_PER_QUERY
+    path = trial_path / S.ARTIFACT_PER_QUERY
     if not path.exists():
         return
     scored = json.loads(path.read_text())
@@ -414,10 +389,21 @@ def _log_per_query(tracker: StudyTracker, run: TrackedRun, trial_dir: Path) -> N
         tracker.set_tags(run, {S.TAG_PER_QUERY_EPOCH: epoch})
 
 
-def _log_references(tracker: StudyTracker, parent: TrackedRun, study_dir: Path) -> None:
-    """The reference rows the study scored (``references.json``) as the parent run's
-    ``reference.<row>.<figure>`` metrics and its artifact."""
-    path = Path(study_dir) / S.ARTIFACT_REFERENCES
+def _summarize(study: Study, parent: TrackedRun, trials: list[TrialRecord],
+               statuses: dict[str, int]) -> None:
+    """The parent's summary tags (the best trial, the trials by status), and the reference
+    rows the study scored (``references.json``) as its ``reference.<row>.<figure>`` metrics
+    and its artifact."""
+    tracker, summary = study.tracker(), study.summary(trials)
+    tags = {S.count_tag("runs", s): statuses.get(s, 0)
+            for s in (S.STATUS_RUNNING, *S.END_STATUSES)}
+    tags.update({S.count_tag("optuna", s): summary["optuna_trials"].get(s, 0)
+                 for s in ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")})
+    if summary["best"]:
+        tags.update({S.TAG_BEST_TRIAL: summary["best"]["trial_id"],
+                     S.TAG_BEST_VALUE: summary["best"][summary["metric"]]})
+    tracker.set_tags(parent, tags)
+    path = study.dir / S.ARTIFACT_REFERENCES
     if not path.exists():
         return
     rows = json.loads(path.read_text())["rows"]
@@ -427,18 +413,3 @@ def _log_references(tracker: StudyTracker, parent: TrackedRun, study_dir: Path) 
         stamp = int(path.stat().st_mtime * 1000)
         tracker.log_metrics(parent, [Metric(k, v, stamp, 0) for k, v in finite.items()])
         tracker.client.log_artifact(parent.run_id, str(path))
-
-
-def _summarize(tracker: StudyTracker, parent: TrackedRun, meta: dict, spec: Any,
-               trials: list[TrialRecord], statuses: dict[str, int]) -> None:
-    """The parent's summary tags: the best trial and the trials by status."""
-    summary = summarize(meta, trials, spec)
-    optuna, _ = optuna_counts(meta)
-    tags = {S.count_tag("runs", s): statuses.get(s, 0)
-            for s in (S.STATUS_RUNNING, *S.END_STATUSES)}
-    tags.update({S.count_tag("optuna", s): optuna.get(s, 0)
-                 for s in ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")})
-    if summary["best"]:
-        tags.update({S.TAG_BEST_TRIAL: summary["best"]["trial_id"],
-                     S.TAG_BEST_VALUE: summary["best"][summary["metric"]]})
-    tracker.set_tags(parent, tags)

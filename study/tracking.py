@@ -148,34 +148,29 @@ class StudyTracker:
     Args:
         tracking_uri: MLflow tracking URI (``sqlite:///...``, ``http://host:port``, ...).
         study_name: Name of the study; runs are found again by it, so it must be stable.
-        experiment_name: MLflow experiment; default ``schema.experiment_name(study_name)``.
-        artifact_location: Artifact root of a new experiment; default for local stores
-            ``<store dir>/mlartifacts/...`` (never the working directory), for servers theirs.
         description: The experiment's description (MLflow's note, shown above its runs).
 
-    The experiment is tagged as MLflow model development (``schema.EXPERIMENT_KIND``); an
-    existing one (a resumed study) gets the kind and the description if it has none, and keeps
-    a description it has (perhaps edited in the UI).
+    The experiment (``schema.experiment_name``; a local store keeps its artifacts beside
+    itself, never in the working directory) is tagged as MLflow model development
+    (``schema.EXPERIMENT_KIND``); an existing one (a resumed study) gets the kind and the
+    description if it has none, and keeps a description it has (perhaps edited in the UI).
     """
 
     ROLES = (S.ROLE_STUDY, S.ROLE_TRIAL)  #: ``TAG_ROLE`` of the parent run and of a child run
     CHILD_KEY = S.TAG_TRIAL_ID  #: the tag naming a child run (its trial id)
 
-    def __init__(self, tracking_uri: str, study_name: str, experiment_name: str | None = None,
-                 *, artifact_location: str | None = None, description: str | None = None) -> None:
+    def __init__(self, tracking_uri: str, study_name: str, *,
+                 description: str | None = None) -> None:
         self._settings = dict(tracking_uri=tracking_uri, study_name=study_name,
-                              experiment_name=experiment_name,
-                              artifact_location=artifact_location, description=description)
+                              description=description)
         self.tracking_uri = tracking_uri
         self.study_name = _check_id("study name", study_name)
-        self.experiment_name = experiment_name or S.experiment_name(study_name)
+        self.experiment_name = S.experiment_name(study_name)
         self._http = tracking_uri.startswith(("http://", "https://"))
         if self._http:
             for key, value in {**HTTP_DEFAULTS,
                                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}.items():
                 os.environ.setdefault(key, value)
-        self._artifact_location = artifact_location or S.local_artifact_location(
-            tracking_uri, self.experiment_name)
         self._experiment_tags = {S.TAG_EXPERIMENT_KIND: S.EXPERIMENT_KIND}
         if description:
             self._experiment_tags[S.TAG_EXPERIMENT_NOTE] = \
@@ -203,7 +198,7 @@ class StudyTracker:
         if trial_id in self._runs:
             return self._runs[trial_id]
         role = self.ROLES[0] if trial_id is None else self.ROLES[1]
-        filt = self.filter(role)
+        filt = f"tags.`{S.TAG_STUDY}` = '{self.study_name}' AND tags.`{S.TAG_ROLE}` = '{role}'"
         if trial_id is not None:
             filt += f" AND tags.`{self.CHILD_KEY}` = '{_check_id('trial id', trial_id)}'"
         hits = self.client.search_runs([self.experiment_id()], filt, max_results=1,
@@ -222,9 +217,6 @@ class StudyTracker:
         """Take ``found`` (an MLflow ``Run``) as the run of ``trial_id`` (None: the parent)."""
         run = self._runs[trial_id] = TrackedRun.of(found)
         return run
-
-    def filter(self, role: str) -> str:
-        return f"tags.`{S.TAG_STUDY}` = '{self.study_name}' AND tags.`{S.TAG_ROLE}` = '{role}'"
 
     def fill(self, run: TrackedRun, params: Mapping[str, Any] | None,
              tags: Mapping[str, Any], texts: Mapping[str, str | None]) -> None:
@@ -317,8 +309,9 @@ class StudyTracker:
             if exp is None:
                 try:
                     self._experiment_id = self.client.create_experiment(
-                        self.experiment_name, artifact_location=self._artifact_location,
-                        tags=self._experiment_tags)
+                        self.experiment_name, tags=self._experiment_tags,
+                        artifact_location=S.local_artifact_location(self.tracking_uri,
+                                                                    self.experiment_name))
                     return self._experiment_id
                 except MlflowException as err:  # created concurrently by another writer
                     if err.error_code != "RESOURCE_ALREADY_EXISTS":

@@ -6,7 +6,8 @@ CPU worker, no Train controller to start) or drives a ``TorchTrainer`` run whose
 through ``TuneReportCallback`` (``train``: several workers, or GPUs). The Train run is named
 after the trial, so that a retried or restored trial finds its checkpoints again.
 
-Either way a trial reports one result per epoch and resumes from the checkpoint it last
+Either way the trial builds its run config once, from the searcher's suggestion, and hands it
+to the loop; it reports one result per epoch and resumes from the checkpoint it last
 *reported*; the loop's own copy of a checkpoint is deleted once Tune or Train stored theirs.
 A diverged trial reports NaN with its ``stop_reason``, leaves a ``DIVERGED.json`` marker and
 errors (Optuna records FAIL; a retry stops at the marker). The two Tune callbacks here free
@@ -29,9 +30,6 @@ from typing import Any, Callable, Iterator
 
 from ray.tune import Callback
 
-from study.studydir import trial_output_dir
-
-EXECUTIONS = ("auto", "direct", "train")
 STOP_REASON = "stop_reason"
 TRIAL_GROUP, TRAIN_GROUP = "trial_placement_group", "train_placement_group"
 DIVERGED_MARKER = "DIVERGED.json"
@@ -46,15 +44,20 @@ DRIVER_MEMORY = 256 * 2**20
 Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
+def trial_dir(study_dir: str | Path, trial_id: str) -> Path:
+    """Where a trial's loop writes (checkpoints, ``best/``, ``per_query.json``)."""
+    return Path(study_dir) / "trials" / trial_id
+
+
 @dataclass(frozen=True)
 class TrialSpec:
-    """How every trial of a study runs, besides its Tune config; plain data that pickles.
+    """How every trial of a study runs, besides its run config; plain data that pickles.
+    ``StudyOptions.trial_spec`` builds it from the launch options (their defaults apply).
 
     Attributes:
-        study_dir: Trials write under ``trials/<trial_id>``, Train runs under ``train/``;
-            resolved here, because Tune changes a trial's working directory.
-        execution: ``direct``, ``train`` or ``auto`` (``direct`` for one CPU worker, else
-            ``train``); holds the resolved one.
+        study_dir: Trials write under ``trials/<trial_id>``, Train runs under ``train/``
+            (absolute: Tune changes a trial's working directory).
+        execution: ``direct`` (the loop in the trial's actor) or ``train`` (a TorchTrainer).
         num_workers, cpus_per_worker, gpus_per_worker: The training's scale (GPUs if > 0).
         max_failures: Worker-group restarts per Train run (``train`` only; Tune's retries
             are ``tune.FailureConfig``'s).
@@ -68,39 +71,19 @@ class TrialSpec:
     """
 
     study_dir: str
-    execution: str = "auto"
-    num_workers: int = 1
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
-    max_failures: int = 2
+    execution: str
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+    checkpoint_interval_s: float
     loop: str = "trainables.loop:train"
     objective_keys: tuple[str, ...] = ("dev_ndcg_at_10",)
     keep_checkpoints: int | None = 2
-    checkpoint_interval_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.execution == "direct" and self.num_workers != 1:
-            raise ValueError("execution='direct' runs the loop in the trial itself: "
-                             f"num_workers must be 1, got {self.num_workers}")
-        execution = self.execution if self.execution != "auto" else \
-            "direct" if self.num_workers == 1 and not self.use_gpu else "train"
-        object.__setattr__(self, "execution", execution)
-        object.__setattr__(self, "study_dir", str(Path(self.study_dir).expanduser().resolve()))
-        object.__setattr__(self, "objective_keys", tuple(self.objective_keys))
 
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
-
-    def output_dir(self, trial_id: str) -> Path:
-        return trial_output_dir(Path(self.study_dir), trial_id)
-
-    def train_run_name(self, trial_id: str) -> str:
-        return f"{Path(self.study_dir).name}-{trial_id}"
 
     def resources(self) -> dict[str, float]:
         """What the Tune trial itself reserves (``tune.with_resources``): in ``direct`` mode
@@ -148,8 +131,7 @@ class CheckpointGuard(Callback):
         self.study_dir = None if study_dir is None else str(Path(study_dir).resolve())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        checkpoint = trial.checkpoint
-        path = _local_path(checkpoint) if checkpoint is not None else None
+        path = _local_path(trial.checkpoint) if trial.checkpoint is not None else None
         if path is not None and not path.exists():
             log.warning("trial %s: its latest checkpoint %s is gone; it resumes from the newest "
                         "valid older one", trial.trial_id, path)
@@ -157,7 +139,8 @@ class CheckpointGuard(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.study_dir is not None:
-            _drop_loop_copies(trial_output_dir(Path(self.study_dir), trial.trial_id))
+            shutil.rmtree(trial_dir(self.study_dir, trial.trial_id) / "checkpoints",
+                          ignore_errors=True)
 
     on_trial_error = on_trial_complete
 
@@ -226,14 +209,14 @@ def _remove_group(hex_id: str) -> None:
 
 # -- the trainable -------------------------------------------------------------------------
 
-def make_trainable(spec: TrialSpec, config_builder: Callable[[dict], Any] | None = None,
+def make_trainable(spec: TrialSpec, build: Callable[[dict], Any],
                    shared: dict[str, Any] | None = None) -> Callable[[dict], None]:
     """The Tune function trainable ``(config) -> None`` of a study's trials.
 
     Args:
         spec: How each trial runs.
-        config_builder: The Tune config -> the trial's run config (a ``RunConfig`` or its
-            dict), called once per trial; None: the Tune config is the run-config dict.
+        build: The Tune config (the searcher's suggestion) -> the trial's ``RunConfig``,
+            called once per trial; the config it returns is the one the loop trains with.
         shared: Extra keyword arguments of the loop shared by all trials (``data``,
             ``features``): ``ray.put`` them once and pass the ObjectRefs, which each trial
             (or Train worker) resolves instead of loading its own copy.
@@ -241,20 +224,18 @@ def make_trainable(spec: TrialSpec, config_builder: Callable[[dict], Any] | None
 
     def trainable(config: dict) -> None:
         entered = time.time()
-        run_config = config_builder(dict(config)) if config_builder else dict(config)
         run = _run_direct if spec.execution == "direct" else _run_train
-        run(spec, run_config, entered, shared or {})
+        run(spec, build(dict(config)), entered, shared or {})
 
     trainable.__name__ = trainable.__qualname__ = f"jepa_trial_{spec.execution}"
     return trainable
 
 
-def _run_direct(spec: TrialSpec, run_config: Any, entered: float,
-                shared: dict[str, Any]) -> None:
+def _run_direct(spec: TrialSpec, cfg: Any, entered: float, shared: dict[str, Any]) -> None:
     """The loop in this process; Tune checkpoints are the loop's own checkpoint dirs."""
     import ray.tune
 
-    out_dir = spec.output_dir(ray.tune.get_context().get_trial_id())
+    out_dir = trial_dir(spec.study_dir, ray.tune.get_context().get_trial_id())
     _stop_if_diverged_before(out_dir)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -264,8 +245,8 @@ def _run_direct(spec: TrialSpec, run_config: Any, entered: float,
 
     with _resume_dir(ray.tune.get_checkpoint(), out_dir, spec.loop) as resume_from:
         _stop_if_diverged_before(resume_from)
-        stopped = _run_loop(spec, run_config, out_dir=out_dir, resume_from=resume_from,
-                            report=report, entered=entered, shared=shared)
+        stopped = _run_loop(spec, cfg, out_dir=out_dir, resume_from=resume_from, report=report,
+                            entered=entered, shared=shared)
     if stopped is not None:
         # Reported with a checkpoint holding only the marker: Tune's retry restores a trial's
         # last_result from its latest checkpoint, so without one a retry would put the last
@@ -275,8 +256,7 @@ def _run_direct(spec: TrialSpec, run_config: Any, entered: float,
         _diverged(stopped[STOP_REASON])
 
 
-def _run_train(spec: TrialSpec, run_config: Any, entered: float,
-               shared: dict[str, Any]) -> None:
+def _run_train(spec: TrialSpec, cfg: Any, entered: float, shared: dict[str, Any]) -> None:
     """Drives a TorchTrainer run named after the trial; raises what the run raised."""
     import ray.train
     import ray.tune
@@ -284,29 +264,27 @@ def _run_train(spec: TrialSpec, run_config: Any, entered: float,
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    out_dir = spec.output_dir(trial_id)
+    out_dir = trial_dir(spec.study_dir, trial_id)
     _stop_if_diverged_before(out_dir)
-    resources = {"CPU": spec.cpus_per_worker}
-    if spec.use_gpu:
-        resources["GPU"] = spec.gpus_per_worker
+    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker}
+                                                  if spec.use_gpu else {})}
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"spec": asdict(spec), "run_config": run_config,
-                           "out_dir": str(out_dir), "entered": entered, "shared": shared,
+        train_loop_config={"spec": asdict(spec), "run_config": cfg, "out_dir": str(out_dir),
+                           "entered": entered, "shared": shared,
                            "groups": {TRIAL_GROUP: _current_group()}},
         scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers,
                                                use_gpu=spec.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=spec.train_run_name(trial_id),
+            name=f"{Path(spec.study_dir).name}-{trial_id}",
             storage_path=str(Path(spec.study_dir) / "train"),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
             callbacks=[TuneReportCallback()],  # needs the Tune session: build it here
         ),
     )
-    result = trainer.fit()
-    stopped = dict(result.metrics or {})
+    stopped = dict(trainer.fit().metrics or {})
     if stopped.get(STOP_REASON):
         _write_marker(out_dir, stopped)
         _diverged(stopped[STOP_REASON])
@@ -350,20 +328,15 @@ def _train_worker(config: dict) -> None:
 
 # -- shared pieces -------------------------------------------------------------------------
 
-def _run_loop(spec: TrialSpec, run_config: Any, *, out_dir: Path, resume_from: Path | None,
+def _run_loop(spec: TrialSpec, cfg: Any, *, out_dir: Path, resume_from: Path | None,
               report: Report, entered: float, shared: dict[str, Any],
               device: Any = None) -> dict[str, Any] | None:
-    """Runs the loop, reporting each epoch; returns the stop result if it diverged.
-
-    ``device``: where the loop trains, when the caller placed it (a Ray Train GPU worker);
-    otherwise the loop's default."""
+    """Runs the loop on the trial's run config ``cfg``, reporting each epoch; returns the stop
+    result if it diverged. ``device``: where the loop trains, when the caller placed it (a Ray
+    Train GPU worker); otherwise the loop's default."""
     import ray
     import torch
 
-    from trainables.config import RunConfig
-
-    cfg = run_config if isinstance(run_config, RunConfig) else \
-        RunConfig.from_dict(run_config, "trial config")
     loop = _import(spec.loop)
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     started = time.time()
@@ -372,8 +345,7 @@ def _run_loop(spec: TrialSpec, run_config: Any, *, out_dir: Path, resume_from: P
 
     def callback(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         plain = {k: _plain(v) for k, v in metrics.items()}
-        plain["trial_startup_s"] = started - entered
-        plain["node_id"] = node_id
+        plain.update(trial_startup_s=started - entered, node_id=node_id)
         # The first result fixes progress.csv's columns: name the stop columns from the start.
         plain.setdefault(STOP_REASON, "")
         plain.setdefault("diverged", False)
@@ -383,24 +355,24 @@ def _run_loop(spec: TrialSpec, run_config: Any, *, out_dir: Path, resume_from: P
         if checkpoint_dir is not None:  # reported: Tune's or Train's copy is the one kept
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
+    extra = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v
+             for k, v in shared.items() if v is not None}
+    if spec.checkpoint_interval_s:  # a loop that takes no interval checkpoints every epoch
+        extra["checkpoint_interval_s"] = spec.checkpoint_interval_s
+    if device is not None:
+        extra["device"] = device
     try:
-        extra = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v
-                 for k, v in shared.items() if v is not None}
-        if spec.checkpoint_interval_s:  # a loop that takes no interval checkpoints every epoch
-            extra["checkpoint_interval_s"] = spec.checkpoint_interval_s
-        if device is not None:
-            extra["device"] = device
         loop(cfg, out_dir=out_dir, callback=callback, resume_from=resume_from, progress=False,
              **extra)
     except Exception as exc:
-        reason = _divergence_reason(exc)
-        if reason is None:
+        # a loop's TrainingDiverged (any loop's: by name)
+        if not any(c.__name__ == "TrainingDiverged" for c in type(exc).__mro__):
             raise
         stopped = {k: math.nan for k, v in last.items()
                    if isinstance(v, float) and k != "trial_startup_s"}
         stopped.update({k: math.nan for k in spec.objective_keys})
         stopped.update({"epoch": int(last.get("epoch", 0)) + 1, "diverged": True,
-                        STOP_REASON: f"diverged: {reason}"})
+                        STOP_REASON: f"diverged: {getattr(exc, 'reason', exc)}"})
         return stopped
     return None
 
@@ -429,18 +401,13 @@ def _resume_dir(checkpoint: Any, out_dir: Path,
         return
     # the loop's own copies: a reported one is Tune's or Train's to keep (its copy here is
     # left only by a stop between the report and the deletion), an unreported one is not used
-    _drop_loop_copies(out_dir)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     local = _local_path(checkpoint)
     if local is not None:
         yield _newest_valid(local, loop)
         return
     with checkpoint.as_directory() as path:
         yield Path(path)
-
-
-def _drop_loop_copies(out_dir: Path) -> None:
-    """Deletes the loop's own checkpoint directories (``<out_dir>/checkpoints``)."""
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
 
 
 def _local_path(checkpoint: Any) -> Path | None:
@@ -460,10 +427,14 @@ def _newest_valid(path: Path, loop: str | Callable | None) -> Path:
     checkpoint holding the divergence marker counts as valid (it stops the trial). Validity is
     the loop module's ``load_checkpoint(path) is not None`` when it has one, else existence.
     """
+    check = None
+    if loop is not None:
+        check = getattr(importlib.import_module(_import(loop).__module__), "load_checkpoint", None)
     older = sorted((p for p in path.parent.glob("checkpoint_*") if p.name < path.name),
                    reverse=True) if path.parent.is_dir() else []
     for candidate in [path, *older]:
-        if _diverged_in(candidate) is not None or _loadable(candidate, loop):
+        if _diverged_in(candidate) is not None or candidate.is_dir() and (
+                not callable(check) or check(candidate) is not None):
             if candidate != path:
                 log.warning("checkpoint %s is missing or unreadable; resuming from %s, the "
                             "newest valid one", path, candidate)
@@ -472,15 +443,7 @@ def _newest_valid(path: Path, loop: str | Callable | None) -> Path:
                        "beside it are missing or unreadable (not restarting from scratch)")
 
 
-def _loadable(directory: Path, loop: str | Callable | None) -> bool:
-    if not directory.is_dir():
-        return False
-    check = None
-    if loop is not None:
-        module = importlib.import_module(_import(loop).__module__)
-        check = getattr(module, "load_checkpoint", None)
-    return check(directory) is not None if callable(check) else True
-
+# -- divergence ----------------------------------------------------------------------------
 
 def _write_marker(out_dir: Path, stopped: dict[str, Any]) -> Path:
     """Records a divergence beside the trial's outputs (read by later attempts and people)."""
@@ -501,9 +464,7 @@ def _marker_checkpoint(out_dir: Path, stopped: dict[str, Any]) -> Path:
 
 def _diverged_in(directory: Path | None) -> dict[str, Any] | None:
     marker = directory / DIVERGED_MARKER if directory is not None else None
-    if marker is None or not marker.exists():
-        return None
-    return json.loads(marker.read_text())
+    return json.loads(marker.read_text()) if marker is not None and marker.exists() else None
 
 
 def _stop_if_diverged_before(directory: Path | None) -> None:
@@ -521,13 +482,6 @@ def _diverged(reason: str) -> None:
     raise TrainingDiverged(reason)
 
 
-def _divergence_reason(exc: BaseException) -> str | None:
-    """``exc.reason`` if ``exc`` is a loop's ``TrainingDiverged`` (any loop's: by name)."""
-    if any(c.__name__ == "TrainingDiverged" for c in type(exc).__mro__):
-        return str(getattr(exc, "reason", exc))
-    return None
-
-
 def _import(path: str | Callable) -> Callable:
     if callable(path):
         return path
@@ -540,6 +494,4 @@ def _import(path: str | Callable) -> Callable:
 def _plain(value: Any) -> Any:
     """Tensors and numpy scalars as Python numbers (Tune refuses tensors in metrics)."""
     item = getattr(value, "item", None)
-    if callable(item) and getattr(value, "ndim", 1) == 0:
-        return item()
-    return value
+    return item() if callable(item) and getattr(value, "ndim", 1) == 0 else value

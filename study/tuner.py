@@ -1,20 +1,17 @@
-"""The Ray Tune side of a study: the Tuner built from a space (trainable, searcher, scheduler,
+"""The Ray Tune side of a study: the Tuner built from a study (trainable, searcher, scheduler,
 stopper, callbacks, console table) or restored, and :func:`fit`, which tells whether Ctrl-C
 stopped it. Tune's JSON result files, written by a callback here, are the study's record of
 every result."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import signal
 import threading
 import time
-from functools import partial
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 from ray import tune
@@ -24,10 +21,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from analysis import schema as S
 from search_spaces.searcher import build_searcher
-from study.studydir import StudyOptions, experiment_dir, optuna_url
-from study.sync import TrialRecord, TrialWriter, trial_error
-from study.tracking import StudyTracker
-from study.trial import CheckpointGuard, ReleaseTrainGroups, TrialSpec, make_trainable
+from study.study import Study
+from study.sync import TrialRecord, TrialWriter, stop_file, trial_error
+from study.trial import CheckpointGuard, ReleaseTrainGroups, make_trainable
 
 log = logging.getLogger(__name__)
 
@@ -36,39 +32,25 @@ log = logging.getLogger(__name__)
 KEEP_TUNE_CHECKPOINTS = 2
 
 
-def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict[str, Any],
-               tracker: StudyTracker, resume: bool) -> tune.Tuner:
-    """The study's Tuner: Tune's saved experiment when resuming one, else a new one."""
-    trial = TrialSpec(
-        meta["dir"], opts.execution, opts.num_workers, opts.cpus_per_worker,
-        opts.gpus_per_worker, opts.max_failures, checkpoint_interval_s=opts.checkpoint_interval_s,
-        objective_keys=[spec.metric] if isinstance(spec.metric, str) else spec.metric)
-    trial_config = partial(spec.trial_config, data_path=meta["data_dir"])
-    trainable = tune.with_resources(make_trainable(trial, trial_config, shared),
+def make_tuner(study: Study, shared: dict[str, Any], resume: bool) -> tune.Tuner:
+    """The study's Tuner: Tune's saved experiment when resuming one, else a new one.
+
+    ``shared``: the loop's inputs every trial shares (``data``, ``features``: object refs)."""
+    trial, space, o = study.trial_spec(), study.space, study.options
+    trainable = tune.with_resources(make_trainable(trial, study.trial_config, shared),
                                     trial.resources())
-    path = str(experiment_dir(meta))
-    if resume and tune.Tuner.can_restore(path):
+    if resume and tune.Tuner.can_restore(str(study.experiment_dir)):
         # the callbacks come back from Tune's saved state: the MLflow writer pickles its
         # settings only and opens its own client
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        return tune.Tuner.restore(str(study.experiment_dir), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
     total = ray.cluster_resources()
-    concurrency = opts.max_concurrent_trials or spec.max_concurrent_trials or \
-        trial.max_concurrent(total.get("CPU", 1), total.get("GPU", 0))
-    max_epochs = spec.base_config().train.total_epochs
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(meta["dir"]),
-                 ReleaseTrainGroups(),
-                 MLflowTrialCallback(TrialWriter(tracker, str(meta["dir"]), max_epochs,
-                                                 trial_config))]
-    multi = not isinstance(spec.metric, str)
-    if spec.scheduler.kind == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.scheduler.max_t or max_epochs,
-                                  grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
-    stopper = None if spec.collapse_guard is None else CollapseStopper(
-        str(meta["dir"]), spec.collapse_guard.metric, spec.collapse_guard.min_effective_rank)
+    single = len(study.objectives) == 1
+    scheduler = FIFOScheduler() if space.scheduler.kind != "asha" else ASHAScheduler(
+        time_attr="epoch", max_t=space.scheduler.max_t or study.max_epochs,
+        grace_period=space.scheduler.grace_period,
+        reduction_factor=space.scheduler.reduction_factor)
+    guard = space.collapse_guard
     return tune.Tuner(
         trainable,
         # reuse_actors: a new trial takes over a finished trial's process, with torch and the
@@ -76,17 +58,20 @@ def make_tuner(meta: dict[str, Any], spec: Any, opts: StudyOptions, shared: dict
         # count, so nothing else carries over. Direct trials only: the actor of a Train trial
         # Tune stopped is still inside TorchTrainer.fit, and Tune fails the trial given it.
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(spec, optuna_url(meta["dir"]), meta["name"]),
-            scheduler=scheduler, metric=None if multi else spec.metric,
-            mode=None if multi else spec.mode,
-            num_samples=opts.num_samples or spec.num_samples,
-            max_concurrent_trials=concurrency,
-            reuse_actors=trial.execution == "direct"),
+            search_alg=build_searcher(space, study.optuna_url, study.name), scheduler=scheduler,
+            metric=space.metric if single else None, mode=space.mode if single else None,
+            num_samples=study.num_samples, reuse_actors=trial.execution == "direct",
+            max_concurrent_trials=o.max_concurrent_trials or space.max_concurrent_trials
+            or trial.max_concurrent(total.get("CPU", 1), total.get("GPU", 0))),
         run_config=tune.RunConfig(
-            name=meta["name"], storage_path=str(meta["dir"] / "ray"), stop=stopper,
-            callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+            name=study.name, storage_path=str(study.dir / "ray"), verbose=o.verbose,
+            stop=guard and CollapseStopper(str(study.dir), guard.metric,
+                                           guard.min_effective_rank),
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(study.dir),
+                       ReleaseTrainGroups(), MLflowTrialCallback(TrialWriter.of(study))],
+            failure_config=tune.FailureConfig(max_failures=o.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_TUNE_CHECKPOINTS),
-            verbose=opts.verbose, progress_reporter=progress_reporter(spec)))
+            progress_reporter=progress_reporter(space)))
 
 
 def fit(tuner: tune.Tuner) -> bool:
@@ -94,10 +79,20 @@ def fit(tuner: tune.Tuner) -> bool:
     stopped it instead: Tune then saved its state, stopped the trials and returned."""
     # Tune's JSON and CSV result files are passed as callbacks, not its TensorBoard logger
     # (MLflow is the study's tracker, and that logger imports tensorboardX); the classic
-    # console table takes chosen columns. Tune reads both switches inside ``fit``.
-    with _InterruptWatch() as watch, _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1",
-                                              RAY_AIR_NEW_OUTPUT="0"):
-        tuner.fit()
+    # console table takes chosen columns. Tune reads both switches inside ``fit``; they are
+    # put back afterwards (other Tune users in this process see what they saw before).
+    switches = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+    before = {key: os.environ.get(key) for key in switches}
+    os.environ.update(switches)
+    try:
+        with _InterruptWatch() as watch:
+            tuner.fit()
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return watch.interrupted
 
 
@@ -150,13 +145,12 @@ class MLflowTrialCallback(Callback):
     def _put(self, trial: Any, status: str, result: dict | None = None,
              error: str | None = None) -> None:
         """Queues the trial as Tune has it now (Tune's trial changes), with ``result``."""
-        record = TrialRecord(trial.trial_id, str(trial), status, dict(trial.config or {}),
-                             [dict(result)] if result else [], error)
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="jepa-study-mlflow",
                                             daemon=True)
             self._thread.start()
-        self._queue.put(record)
+        self._queue.put(TrialRecord(trial.trial_id, str(trial), status, dict(trial.config or {}),
+                                    [dict(result)] if result else [], error))
 
     def _work(self) -> None:
         while True:
@@ -190,7 +184,7 @@ class MLflowTrialCallback(Callback):
 
 class CollapseStopper(Stopper):
     """Ends a trial whose effective rank falls below a threshold, writing why to
-    ``<study_dir>/stops/<trial_id>.txt`` (read by :func:`study.sync.stop_reason`)."""
+    ``stops/<trial_id>.txt`` (``study.sync.stop_file``, read by ``stop_reason``)."""
 
     def __init__(self, study_dir: str, metric: str, minimum: float):
         self.study_dir, self.metric, self.minimum = study_dir, metric, minimum
@@ -199,18 +193,17 @@ class CollapseStopper(Stopper):
         value = result.get(self.metric)
         if value is None or value >= self.minimum:
             return False
-        stops = Path(self.study_dir) / "stops"
-        stops.mkdir(parents=True, exist_ok=True)
-        (stops / f"{trial_id}.txt").write_text(
-            f"collapse: {self.metric} {value:.3g} < {self.minimum:g} at epoch "
-            f"{result.get('epoch')}")
+        marker = stop_file(self.study_dir, trial_id)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"collapse: {self.metric} {value:.3g} < {self.minimum:g} at epoch "
+                          f"{result.get('epoch')}")
         return True
 
     def stop_all(self) -> bool:
         return False
 
 
-def progress_reporter(spec: Any) -> tune.CLIReporter:
+def progress_reporter(space: Any) -> tune.CLIReporter:
     """Tune's console table of a study: epoch, dev figures, and the always-set parameters
     (a switch shown as ``<name> on``)."""
     from search_spaces.space import SWITCH
@@ -221,25 +214,9 @@ def progress_reporter(spec: Any) -> tune.CLIReporter:
                         "effective_rank": "eff. rank"},
         parameter_columns={name: name.removesuffix(SWITCH).split(".")[-1]
                            + (" on" if name.endswith(SWITCH) else "")
-                           for name in spec.always_suggested()},
-        sort_by_metric=isinstance(spec.metric, str),
+                           for name in space.always_suggested()},
+        sort_by_metric=isinstance(space.metric, str),
         max_report_frequency=15, print_intermediate_tables=True)
-
-
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """Environment variables set for the duration, then put back (other Tune users in this
-    process see what they saw before)."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _InterruptWatch:

@@ -1,14 +1,17 @@
 """Fault injection for the reliability tests: ``trainables.loop.train`` with a planned failure.
 
-Pass ``TrialSpec(loop="faults:train_failing_once")`` to ``study.trial.make_trainable`` and put
-the fault in the run config's ``provenance["fault"]`` (informational, never read by training):
+Build the trial spec with ``loop="faults:train_failing_once"``
+(``StudyOptions(...).trial_spec(study_dir, loop=...)``), pass it to
+``study.trial.make_trainable`` and put the fault in the run config's ``provenance["fault"]``
+(informational, never read by training):
 
 ``none``
     the real loop, untouched (the reference run).
 ``raise@K``
     epoch K is trained and its checkpoint written, then the loop raises ``InjectedFault``
-    (a ``RuntimeError``) *before* that epoch is reported (once: a marker file remembers it), as in Ray's own
-    ``test_tuner_restore.py``. The retry must resume from epoch K-1's reported checkpoint.
+    (a ``RuntimeError``) *before* that epoch is reported (once: a marker file remembers it),
+    as in Ray's own ``test_tuner_restore.py``. The retry must resume from epoch K-1's
+    reported checkpoint.
 ``exit@K``
     as ``raise@K`` but the trial's process dies (``os._exit``): a killed worker.
 ``corrupt@K`` / ``delete@K``

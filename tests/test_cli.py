@@ -126,3 +126,30 @@ def test_negative_checkpoint_interval_exits_2(command, tmp_path):
     assert proc.returncode == 2
     assert "--checkpoint-interval" in proc.stderr and "must be >= 0" in proc.stderr
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_launch_flags_are_the_options_fields():
+    """`launch`'s flags are built from StudyOptions: one per option, each default written
+    once (the dataclass's: a flag not given leaves the field's default), types and checks
+    from the field."""
+    from dataclasses import fields
+
+    from study.cli import _options, build_parser
+    from study.study import StudyError, StudyOptions
+
+    parser = build_parser()
+    launch = parser._subparsers._group_actions[0].choices["launch"]
+    flags = {a.dest: a for a in launch._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in fields(StudyOptions) if f.name != "verbose"}
+    assert _options(StudyOptions, parser.parse_args(["launch"])) == StudyOptions()
+    args = parser.parse_args(["launch", "--num-workers", "2", "--gpus-per-worker", "0.5",
+                              "--warm-start", "a", "--warm-start", "b", "--max-failures", "4",
+                              "--checkpoint-interval", "3", "--execution", "train"])
+    assert _options(StudyOptions, args) == StudyOptions(
+        num_workers=2, gpus_per_worker=0.5, warm_start=["a", "b"], max_failures=4,
+        checkpoint_interval_s=3.0, execution="train")
+    with pytest.raises(SystemExit):  # argparse refuses what is not one of the choices
+        parser.parse_args(["launch", "--execution", "spark"])
+    with pytest.raises(StudyError, match="--num-workers must be 1"):
+        _options(StudyOptions, parser.parse_args(["launch", "--execution", "direct",
+                                                  "--num-workers", "2"]))

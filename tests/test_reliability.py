@@ -82,8 +82,10 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
     from search_spaces.space import load_preset
     from study.sync import TrialWriter
     from study.tracking import StudyTracker
-    from study.trial import CheckpointGuard, TrialSpec, make_trainable
+    from study.study import StudyOptions
+    from study.trial import CheckpointGuard, make_trainable
     from study.tuner import MLflowTrialCallback
+    from trainables.config import RunConfig
 
     path = os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -93,14 +95,15 @@ def test_trial_faults_resume_from_last_valid_checkpoint(tmp_path, scifact_dir, s
     base["data"] = {"path": str(scifact_dir)}
     base["eval"] = {"evaluate_test": False}
 
-    def build(params: dict) -> dict:
-        return {**base, "provenance": {"fault": params["fault"]}}
+    def build(params: dict) -> RunConfig:
+        return RunConfig.from_dict({**base, "provenance": {"fault": params["fault"]}})
 
     study_dir = tmp_path / "study"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = StudyTracker(uri, "faults")
     write_parent(tracker, {"kind": "fault injection"})
-    spec = TrialSpec(study_dir, loop="faults:train_failing_once", objective_keys=[METRIC])
+    spec = StudyOptions(checkpoint_interval_s=0).trial_spec(  # a checkpoint every epoch
+        study_dir, loop="faults:train_failing_once", objective_keys=(METRIC,))
     trainable = make_trainable(spec, build, {"data": ray.put(scifact),
                                              "features": ray.put(scifact_features)})
     tuner = tune.Tuner(
@@ -472,7 +475,7 @@ def _stop_cli(proc, sig: int, log: Path) -> None:
 def _assert_interrupted(uri: str, name: str, study_dir: Path) -> set[str]:
     """Parent and open child runs KILLED (finished ones untouched), nothing RUNNING, the
     study not finished. Returns the trial ids whose runs were ended KILLED."""
-    from study.studydir import status
+    from study import Study
 
     (parent,) = [r for r in _all_runs(uri, name) if r.data.tags[S.TAG_ROLE] == S.ROLE_STUDY]
     assert parent.info.status == S.STATUS_KILLED
@@ -485,7 +488,8 @@ def _assert_interrupted(uri: str, name: str, study_dir: Path) -> set[str]:
     for run in runs:
         if run.info.status == S.STATUS_KILLED:
             assert run.data.tags[S.TAG_STOP_REASON].startswith("interrupted")
-    assert not status(study_dir)["finished"] and not (study_dir / "summary.json").exists()
+    assert not Study.open(study_dir).status()["finished"]
+    assert not (study_dir / "summary.json").exists()
     return killed
 
 

@@ -181,17 +181,23 @@ def test_sigterm_stops_answer_with_sigint_ignored(tmp_path, scifact_dir, scifact
                                                         "high": 2.0, "log": True,
                                                         "zero": True}})
     storage = tmp_path / "answers"
-    study_dir = storage / name / "scifact" / "studies" / "scifact-jepa"
+    studies = storage / name / "scifact" / "studies"
     log = tmp_path / "answer.log"
     proc = _cli("answer", "--data", str(scifact_dir), "--space", str(space), "--name", name,
                 "--storage", str(storage), "--seeds", "1", "2", log=log)
+
+    def in_flight() -> list[Path]:  # the answer's studies (scifact-jepa-s0, ...) with an epoch
+        return [d for d in studies.iterdir() if _epochs_reported(d, d.name) >= 1
+                and not (d / "summary.json").exists()]
+
     try:
-        wait_for(lambda: _epochs_reported(study_dir, "scifact-jepa") >= 1, START_S, proc,
-                 "the JEPA arm's first epoch", log)
+        wait_for(in_flight, START_S, proc, "the first study's first epoch", log)
         _sigterm(proc, log)
     finally:
         _kill_session(proc)
-    _assert_resumable(study_dir, "scifact-jepa", f"sqlite:///{storage / name / 'mlflow.db'}")
+    (study_dir,) = [d for d in studies.iterdir() if not (d / "summary.json").exists()]
+    assert study_dir.name.startswith("scifact-jepa")  # the JEPA arm's first search
+    _assert_resumable(study_dir, study_dir.name, f"sqlite:///{storage / name / 'mlflow.db'}")
     assert not (storage / name / "answer.json").exists()
 
 
@@ -200,12 +206,11 @@ def test_sigterm_stops_answer_with_sigint_ignored(tmp_path, scifact_dir, scifact
 def test_sigterm_stops_ui_and_its_mlflow_server_with_sigint_ignored(tmp_path):
     """``jepa-study ui`` with SIGINT ignored: SIGTERM takes the MLflow server's whole
     process group (its main process and workers) down with it."""
-    from study.studydir import default_mlflow_uri
     from study.tracking import seed_sqlite_store
 
     study_dir = tmp_path / "studies" / "ui-stop"
     study_dir.mkdir(parents=True)
-    uri = default_mlflow_uri(study_dir)
+    uri = f"sqlite:///{study_dir / 'mlflow.db'}"
     seed_sqlite_store(uri)  # an empty store, as a study's first moments leave it
     (study_dir / "study.json").write_text(json.dumps({"name": "ui-stop", "mlflow_uri": uri}))
     with socket.socket() as s:

@@ -24,8 +24,9 @@ from study_helpers import tiny_space
 
 from analysis import schema as S
 from study.cli import main
-from study.studydir import StudyError, StudyOptions, driver_lock
-from study.sync import read_trials, sync
+from study.study import Study, StudyError, StudyOptions
+from study.sync import read_trials
+from study.sync import sync as sync_study
 
 NAME = "record"
 EPOCHS = 3
@@ -89,6 +90,11 @@ def record(tmp_path_factory) -> Path:
             "mlflow_uri": "", "git_commit": "abc"}
     (study_dir / "study.json").write_text(json.dumps(meta))
     return study_dir
+
+
+def sync(study_dir: Path, **kw):
+    """``study.sync.sync`` of the study in ``study_dir``, opened afresh (as a command does)."""
+    return sync_study(Study.open(study_dir), **kw)
 
 
 def _study(record: Path, tmp_path: Path, uri: str) -> Path:
@@ -249,10 +255,10 @@ def test_sync_of_a_live_study_and_of_an_ending_one(record, tmp_path, tracking_ur
     study's parent is FINISHED, without a stop reason."""
     study_dir = _study(record, tmp_path, tracking_uri)
     ids = _trials(study_dir)
-    with driver_lock(study_dir):
+    with Study.open(study_dir).driver_lock():
         assert sync(study_dir).orphaned == []
         with pytest.raises(StudyError, match="another driver"):
-            with driver_lock(study_dir):
+            with Study.open(study_dir).driver_lock():
                 pass
     runs = _check(tracking_uri, study_dir, killed=(S.STATUS_RUNNING, None))
     assert runs["parent"].info.status == S.STATUS_RUNNING

@@ -103,10 +103,12 @@ def fake_train(cfg, *, out_dir: Path, callback: Callable | None = None,
     return {"history": history, "final": history[-1] if history else {}}
 
 
-def build(params: dict) -> dict:
-    """Tune params -> run-config dict (what ``SpaceSpec.trial_config(...).to_dict()`` does)."""
-    return {"name": params.get("name", "run"),
-            "train": {"lr": params["lr"], "seed": params["seed"], "epochs": EPOCHS}}
+def build(params: dict):
+    """Tune params -> the trial's run config (what ``SpaceSpec.trial_config`` does)."""
+    from trainables.config import RunConfig
+
+    return RunConfig.from_dict({"name": params.get("name", "run"), "train": {
+        "lr": params["lr"], "seed": params["seed"], "epochs": EPOCHS}})
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -121,11 +123,19 @@ def ray_cluster():
     ray.shutdown()
 
 
+def _spec(study_dir: Path, execution: str, **options) -> TrialSpec:
+    """A trial spec of the stand-in loop, from launch options (a checkpoint every epoch)."""
+    from study.study import StudyOptions
+
+    return StudyOptions(execution=execution, checkpoint_interval_s=0, **options).trial_spec(
+        study_dir, loop=LOOP)
+
+
 def run_study(tmp: Path, execution: str, param_space: dict, *, num_samples: int = 1,
               tune_failures: int = 0, train_failures: int = 2, search_alg=None,
               name: str = "exp", shared: dict | None = None, stop: dict | None = None,
               callbacks: list | None = None) -> tuple[tune.ResultGrid, float]:
-    spec = TrialSpec(tmp / "study", execution, max_failures=train_failures, loop=LOOP)
+    spec = _spec(tmp / "study", execution, max_failures=train_failures)
     tuner = tune.Tuner(
         tune.with_resources(make_trainable(spec, build, shared), spec.resources()),
         param_space=param_space,
@@ -159,28 +169,54 @@ def baseline(request, tmp_path_factory, ray_cluster):
 
 # -- tests ---------------------------------------------------------------------------------
 
-def test_resolve_and_resources(tmp_path):
-    def spec(execution="auto", **kw):
-        return TrialSpec(tmp_path / "s", execution, **kw)
+def test_options_resolve_and_trial_spec_is_built_from_them(tmp_path):
+    """The execution mode is resolved and checked once, on the options (the command line's
+    definition); the study builds every trial's spec from them by keyword."""
+    import json
 
-    assert spec().execution == "direct"
-    assert spec(gpus_per_worker=1).execution == "train"
-    assert spec(num_workers=2).execution == "train"
-    assert spec().study_dir == str(tmp_path / "s")
-    with pytest.raises(ValueError):
-        spec("direct", num_workers=2)
-    with pytest.raises(ValueError):
-        spec("spark")
+    from study.study import Study, StudyError, StudyOptions
+
+    assert StudyOptions().resolved_execution == "direct"
+    assert StudyOptions(gpus_per_worker=1).resolved_execution == "train"
+    assert StudyOptions(num_workers=2).resolved_execution == "train"
+    assert StudyOptions(execution="train").resolved_execution == "train"
+    with pytest.raises(StudyError, match="--num-workers must be 1"):
+        StudyOptions(execution="direct", num_workers=2)
+    with pytest.raises(StudyError, match="--execution must be one of auto, direct, train"):
+        StudyOptions(execution="spark")
+    for wrong, named in (({"num_samples": 0}, "--num-samples"), ({"max_failures": -1},
+                         "--max-failures"), ({"cpus_per_worker": 0}, "--cpus-per-worker")):
+        with pytest.raises(StudyError, match=named):
+            StudyOptions(**wrong)
+    opts = StudyOptions(num_workers=2, cpus_per_worker=1.5, gpus_per_worker=0.5,
+                        max_failures=4, checkpoint_interval_s=3.0)
+    space = tmp_path / "space.yaml"
+    space.write_text("metric: [dev_ndcg_at_10, dev_recall_at_100]\nmode: [max, max]\n"
+                     "parameters: {train.lr: {type: float, low: 0.001, high: 0.01}}\n")
+    (tmp_path / "study.json").write_text(json.dumps({
+        "name": "s", "options": {**opts.__dict__}, "space_file": str(space),
+        "mlflow_uri": "sqlite:///x.db"}))
+    assert Study.open(tmp_path).trial_spec() == TrialSpec(
+        study_dir=str(tmp_path), execution="train", num_workers=2, cpus_per_worker=1.5,
+        gpus_per_worker=0.5, max_failures=4, checkpoint_interval_s=3.0,
+        objective_keys=("dev_ndcg_at_10", "dev_recall_at_100"))
+
+
+def test_resources(tmp_path):
+    def spec(execution="direct", **kw):
+        return _spec(tmp_path / "s", execution, **kw)
+
     assert spec(cpus_per_worker=2).resources() == {"cpu": 2.0, "gpu": 0.0}
-    assert spec(num_workers=2).resources() == {"cpu": 0.0, "gpu": 0.0, "memory": DRIVER_MEMORY}
+    assert spec("train", num_workers=2).resources() == {"cpu": 0.0, "gpu": 0.0,
+                                                       "memory": DRIVER_MEMORY}
     assert spec("direct", gpus_per_worker=0.5).resources()["gpu"] == 0.5
     # 2 CPUs: two direct trials, or two 1-worker Train runs (their drivers take no CPU)
     assert spec("direct").max_concurrent(2) == 2
     assert spec("train").max_concurrent(2) == 2
     assert spec("train", cpus_per_worker=2).max_concurrent(3) == 1
-    assert spec(num_workers=4, gpus_per_worker=1).max_concurrent(64, 8) == 2  # GPUs limit
+    assert spec("train", num_workers=4, gpus_per_worker=1).max_concurrent(64, 8) == 2  # GPUs
     with pytest.raises(ValueError):
-        spec(num_workers=2, cpus_per_worker=2).max_concurrent(2)
+        spec("train", num_workers=2, cpus_per_worker=2).max_concurrent(2)
 
 
 def test_epochs_reach_tune_with_checkpoints(baseline):
@@ -207,14 +243,8 @@ def test_epochs_reach_tune_with_checkpoints(baseline):
     # deterministic: the trial's final metric is a function of its config alone
     for result in grid:
         cfg = result.config
-        again = fake_train(_run_config(cfg), out_dir=tmp / "again" / str(cfg["seed"]))
+        again = fake_train(build(cfg), out_dir=tmp / "again" / str(cfg["seed"]))
         assert again["final"][METRIC] == pytest.approx(result.metrics[METRIC], rel=1e-6)
-
-
-def _run_config(params: dict):
-    from trainables.config import RunConfig
-
-    return RunConfig.from_dict(build(params))
 
 
 def test_failure_resumes_from_last_checkpoint(baseline, tmp_path):
@@ -245,7 +275,7 @@ def test_failure_before_first_report_starts_afresh(tmp_path):
     result = grid[0]
     assert result.metrics_dataframe["epoch"].tolist() == [1, 2, 3]
     assert Path(str(marker) + ".calls").read_text().split() == ["start=0", "start=0"]
-    expected = fake_train(_run_config({**params, "name": "run"}), out_dir=tmp_path / "ref")
+    expected = fake_train(build({**params, "name": "run"}), out_dir=tmp_path / "ref")
     assert result.metrics[METRIC] == pytest.approx(expected["final"][METRIC], rel=1e-6)
 
 

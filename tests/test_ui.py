@@ -75,14 +75,14 @@ def study_dir(tmp_path_factory) -> Path:
     """A study directory as ``prepare_study`` writes it, whose sqlite MLflow store holds a
     finished parent run and one finished child run per trial in TRIALS; the experiment's
     description is written as the launcher writes it."""
-    from study.studydir import StudyOptions, default_mlflow_uri
+    from study.study import StudyOptions
     from study.sync import TrialWriter
     from study.tracking import StudyTracker
 
     root = tmp_path_factory.mktemp("studies")
     study_dir = root / STUDY
     study_dir.mkdir()
-    uri = default_mlflow_uri(study_dir)
+    uri = f"sqlite:///{study_dir / 'mlflow.db'}"
     space_file = study_dir / "space.yaml"
     space_file.write_text(f"name: {STUDY}\ndescription: {SPACE_ABOUT}\n")
     meta = {"name": STUDY, "options": asdict(StudyOptions(name=STUDY, storage=str(root))),

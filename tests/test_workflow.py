@@ -16,8 +16,7 @@ from study_helpers import child_runs, tiny_space
 
 from search_spaces.space import load_space
 from study.cli import main
-from study.launcher import launch
-from study.studydir import StudyOptions, load_meta
+from study import Study, StudyOptions, launch
 from trainables.config import RunConfig
 
 
@@ -38,7 +37,7 @@ def test_export_then_train_reproduces_the_dev_metric(small_study, tmp_path, caps
     files = sorted((tmp_path / "exp").glob("*.yaml"))
     assert len(files) == 2 and "rank1" in files[0].name
     exported = RunConfig.from_yaml(files[0])
-    uri = load_meta(small_study)["mlflow_uri"]
+    uri = Study.open(small_study).mlflow_uri
     run = MlflowClient(uri).get_run(exported.provenance["mlflow_run_id"])
     assert run.data.tags["jepa.trial_id"] == exported.provenance["trial_id"]
     assert Path(exported.data.path).is_absolute() and exported.train.seed == 0
@@ -104,8 +103,7 @@ def test_report_has_every_section_and_is_logged(small_study):
     for row in ("zero_shot", "bm25", "doc_prior"):
         assert f"<td>{row}</td>" in test
     assert "best_test_unseen_ndcg_at_10" in test and "best_test_n_seen" in test
-    meta = load_meta(small_study)
-    client = MlflowClient(meta["mlflow_uri"])
+    client = MlflowClient(Study.open(small_study).mlflow_uri)
     parent = client.search_runs(
         [client.get_experiment_by_name("jepa-study/flow").experiment_id],
         filter_string="tags.`jepa.role` = 'study'")[0]
@@ -129,5 +127,5 @@ def test_warm_start_evaluates_the_given_configs_first(small_study, tmp_path, sci
     first = sorted(optuna.load_study(study_name="warm", storage=storage).trials,
                    key=lambda t: t.number)[0]
     assert first.params == spec.points()[0]
-    assert len(child_runs(load_meta(study_dir)["mlflow_uri"], "warm")) == 2
+    assert len(child_runs(Study.open(study_dir).mlflow_uri, "warm")) == 2
     assert yaml.safe_load((study_dir / "space.yaml").read_text())["points_to_evaluate"]
