@@ -54,6 +54,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                       "test (reported only; seen/unseen: a relevant document was or was never "
                       "a train positive)": result.get("test", {})}, indent=1))
     print(f"wrote {out / 'metrics.json'} and {out / 'config.yaml'}")
+    if args.model:
+        from trainables.loop import load_best
+        from trainables.st_export import export_sentence_transformer
+
+        kept_cfg, info, weights = load_best(out)
+        card = {"trial": str(out), "config": cfg.to_dict(), "scoring": info["mode"],
+                "data": cfg.data.path, "dev": {"best_dev_ndcg_at_10": info["value"],
+                                               "best_epoch": info["epoch"]},
+                "test": {k: v for k, v in result.get("test", {}).items()
+                         if isinstance(v, (int, float))} or None}
+        folder = export_sentence_transformer(kept_cfg, weights, out / "model",
+                                             scoring=info["mode"], card=card)
+        print(f"wrote the model {folder} (SentenceTransformer(path).encode_query / "
+              "encode_document)")
     return 0
 
 
@@ -119,13 +133,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from study.reporting import export
     from trainables.config import RunConfig
 
-    for path in export(Study.open(args.study), top=args.top, metric=args.metric,
-                       mode=args.mode, out=args.out):
+    study = Study.open(args.study)
+    for path in export(study, top=args.top, metric=args.metric, mode=args.mode, out=args.out):
         prov = RunConfig.from_yaml(path).provenance
         shown = ", ".join(f"{k.removeprefix('best_')} {prov[k]}" for k in SUMMARY_FIGURES
                           if k in prov)
         print(f"{path}\n  {shown or 'no figures logged'}"
               f"{'' if 'best_test_ndcg_at_10' in prov else ' (test not scored: jepa-study test)'}")
+        if args.model:
+            from study.reporting import export_model
+
+            made = export_model(study, path, register=not args.no_register)
+            print(f"  model: {made['model']}" + (f"\n  registered: {made['registered']}"
+                                                 if "registered" in made else ""))
     return 0
 
 
@@ -229,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--checkpoint-interval", type=_seconds, default=10.0, metavar="SECONDS",
                    dest="checkpoint_interval_s", help=help_of["checkpoint_interval_s"])
+    p.add_argument("--model", action="store_true", help="also write the best epoch's model as "
+                   "a sentence-transformers folder (<out>/model)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("launch", help="run a study (default: the quick space on SciFact)")
@@ -254,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranking metric (default: the best dev epoch's headline nDCG@10)")
     p.add_argument("--mode", default="max", choices=["max", "min"])
     p.add_argument("--out", help="directory (default <study>/exported)")
+    p.add_argument("--model", action="store_true", help="also each trial's model, from its "
+                   "kept best-epoch weights: a sentence-transformers folder beside its YAML, "
+                   "logged on its MLflow run and registered (a new version per export)")
+    p.add_argument("--no-register", action="store_true", help="with --model: the folder only")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("answer", options=_answer_options, help="does the JEPA predictor "

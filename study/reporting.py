@@ -38,6 +38,55 @@ def export(study: Study, top: int = 1, metric: str = "best_dev_ndcg_at_10", mode
                           metric=metric, mode=mode)
 
 
+def export_model(study: Study, exported: Path, register: bool = True) -> dict[str, str]:
+    """The model of an exported config (``export``'s YAML), from its trial's kept best-epoch
+    weights (no retraining): a sentence-transformers folder beside the YAML
+    (``<stem>-model/``), logged with MLflow's sentence_transformers flavor on the trial's run
+    and registered as a new version of the study's registered model.
+
+    Raises:
+        StudyError: The trial kept no weights of its best epoch (it predates kept weights,
+            or never finished an epoch): the message says to retrain the config with
+            ``jepa-study train --config <yaml> --model``.
+    """
+    from analysis.registry import log_and_register, registered_model_name
+    from trainables.config import RunConfig
+    from trainables.loop import load_best
+    from trainables.st_export import export_sentence_transformer
+
+    chosen = RunConfig.from_yaml(exported)
+    prov = chosen.provenance
+    kept = load_best(study.trial_dir(prov["trial_id"]))
+    retrain = (f"retrain it with `jepa-study train --config {exported} --model`, which "
+               "exports the run's model")
+    if kept is None:
+        raise StudyError(f"trial {prov['trial_id']} of {study.name} kept no best-epoch weights "
+                         f"({study.trial_dir(prov['trial_id'])}/best): {retrain}")
+    cfg, info, weights = kept
+    if str(info["epoch"]) != prov.get("best_epoch", str(info["epoch"])):
+        raise StudyError(f"trial {prov['trial_id']}: its kept weights are of epoch "
+                         f"{info['epoch']}, the exported config's best epoch is "
+                         f"{prov.get('best_epoch')}: {retrain}")
+    test = {k: v for k, v in prov.items() if k.startswith("best_test_")}
+    card = {"study": study.name, "trial": prov["trial_id"], "config": chosen.to_dict(),
+            "scoring": info["mode"], "data": study.data_dir,
+            "dev": {"best_dev_ndcg_at_10": info["value"], "best_epoch": info["epoch"],
+                    **{k: v for k, v in prov.items() if k.startswith("best_dev_")}},
+            "test": test or None}
+    folder = export_sentence_transformer(
+        cfg, weights, exported.with_name(exported.stem + "-model"), scoring=info["mode"],
+        card=card)
+    out = {"model": str(folder)}
+    if register:
+        uri, version = log_and_register(
+            study.mlflow_uri, prov["mlflow_run_id"], folder, registered_model_name(study.name),
+            tags={"study": study.name, "trial": prov["trial_id"], "scoring": info["mode"],
+                  "best_dev_ndcg_at_10": f"{info['value']:.4f}",
+                  "best_epoch": str(info["epoch"])})
+        out.update(registered=uri, version=version)
+    return out
+
+
 def newest_study(storage: str | Path = "studies") -> Path:
     studies = sorted(Path(storage).glob("*/study.json"), key=lambda p: p.stat().st_mtime)
     if not studies:

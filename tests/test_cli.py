@@ -39,7 +39,7 @@ def test_train_writes_metrics_and_resolved_config(tmp_path, scifact_dir, scifact
     # a relative --data must end up absolute in the resolved config
     rel_data = os.path.relpath(scifact_dir, REPO)
     proc = _cli("train", "--config", str(config), "--data", rel_data, "--out", str(out),
-                "--quiet")
+                "--quiet", "--model")
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1 [joint]" in proc.stdout
 
@@ -56,6 +56,14 @@ def test_train_writes_metrics_and_resolved_config(tmp_path, scifact_dir, scifact
     expected = RunConfig.from_yaml(config).with_overrides({"data.path": str(scifact_dir)})
     assert written == expected
     assert (out / "checkpoints" / "epoch_0001" / "state.pt").is_file()
+    # --model: the best epoch's model as a sentence-transformers folder with its card
+    from sentence_transformers import SentenceTransformer
+
+    assert f"wrote the model {out / 'model'}" in proc.stdout
+    model = SentenceTransformer(str(out / "model"))
+    assert model.encode_query(["a query"]).shape == (1, written.model.output_dim)
+    card = (out / "model" / "README.md").read_text()
+    assert "test (reported only)" in card and f"{test_ndcg:.4f}" in card
 
 
 @pytest.mark.parametrize("preset, lambdas", [

@@ -129,3 +129,59 @@ def test_warm_start_evaluates_the_given_configs_first(small_study, tmp_path, sci
     assert first.params == spec.points()[0]
     assert len(child_runs(Study.open(study_dir).mlflow_uri, "warm")) == 2
     assert yaml.safe_load((study_dir / "space.yaml").read_text())["points_to_evaluate"]
+
+
+def test_export_model_from_the_kept_weights(small_study, tmp_path, scifact, scifact_features):
+    """``export --model``: the trial's kept best-epoch weights as a sentence-transformers
+    folder (no retraining), logged on its run and registered; a trial without kept weights
+    is refused with a named error that says what to do."""
+    import shutil
+
+    import mlflow.sentence_transformers
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from analysis.registry import registered_model_name, use_tracking_uri
+    from study.study import Study
+    from trainables.loop import load_best
+    from trainables.model import JEPAModel
+
+    out = tmp_path / "exp"
+    assert main(["export", str(small_study), "--out", str(out), "--model"]) == 0
+    exported = next(out.glob("*.yaml"))
+    folder = exported.with_name(exported.stem + "-model")
+    model = SentenceTransformer(str(folder))
+    # the folder is the trial's model: its query route on the trial's kept weights
+    trial_id = RunConfig.from_yaml(exported).provenance["trial_id"]
+    cfg, info, weights = load_best(small_study / "trials" / trial_id)
+    jepa = JEPAModel(cfg.model, base_dim=scifact_features.dim)
+    jepa.load_state_dict(weights)
+    jepa.eval()
+    qids = sorted(scifact.qrels["test"])[:3]
+    import torch
+
+    with torch.no_grad():
+        want = jepa.encode_queries(scifact_features.queries(qids))
+        if info["mode"] == "predictor":
+            want = jepa.predict(want)
+    got = model.encode_query([scifact.queries[q] for q in qids], convert_to_numpy=True)
+    assert np.abs(got - want.numpy()).max() < 1e-4
+    assert "## Use" in (folder / "README.md").read_text()
+    # registered: version 1 of the study's model, loadable from the registry, tagged
+    uri = Study.open(small_study).mlflow_uri
+    name = registered_model_name("flow")
+    client = MlflowClient(uri)
+    version = client.get_model_version(name, "1")
+    assert version.tags["trial"] == trial_id and version.tags["scoring"] == info["mode"]
+    with use_tracking_uri(uri):
+        loaded = mlflow.sentence_transformers.load_model(f"models:/{name}/1")
+    again = loaded.encode_query([scifact.queries[q] for q in qids], convert_to_numpy=True)
+    assert np.abs(again - got).max() <= 1e-5
+    # no kept weights: a named error, nothing registered
+    shutil.rmtree(small_study / "trials" / trial_id / "best")
+    with pytest.raises(Exception, match=r"kept no best-epoch weights.*jepa-study train "
+                                        r"--config .* --model"):
+        from study.reporting import export_model
+
+        export_model(Study.open(small_study), exported)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1

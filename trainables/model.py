@@ -41,7 +41,10 @@ def load_base(name: str, max_seq_length: int, device: str | torch.device = "cpu"
     output is removed as in ragcun; cosine scoring is unaffected by that choice.
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize
+    try:  # sentence-transformers >= 6 moved the modules; older ones have them here only
+        from sentence_transformers.sentence_transformer.modules import Normalize
+    except ImportError:
+        from sentence_transformers.models import Normalize
 
     path = resolve_base_model(name)
     st = SentenceTransformer(path, device=str(device), local_files_only=Path(path).exists())
