@@ -232,8 +232,23 @@ class Study:
         base = self.space.base_config()
         if not (base.model.freeze_base or base.train.hard_negatives):
             return None
-        return load_or_compute(self.data, base.model.base_model, base.model.max_seq_length,
-                               as_numpy=True)
+        tables = load_or_compute(self.data, base.model.base_model, base.model.max_seq_length,
+                                 as_numpy=True)
+        if base.data.pairs != "qrels":  # the pseudo-queries' features, once, before trials
+            from trainables.loop import with_corpus_pairs
+
+            for value in self._pair_settings(base):
+                with_corpus_pairs(value, self.data, {"train": {}, "dev": {}}, tables)
+        return tables
+
+    def _pair_settings(self, base):
+        """The base config with each searched categorical value of ``data.corpus_pairs``
+        (each is an encoding of its own in the feature cache)."""
+        yield base
+        for name, spec in self.space.parameters.items():
+            if name.startswith("data.corpus_pairs.") and spec.type == "categorical":
+                for choice in spec.choices:
+                    yield base.with_overrides({name.split("@")[0]: choice}, "warm-up")
 
     @property
     def objectives(self) -> list[str]:

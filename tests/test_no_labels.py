@@ -103,3 +103,28 @@ def test_corpus_pair_settings_are_checked():
         RunConfig().with_overrides({"data.dev_mode": "corpus_pairs"})
     with pytest.raises(ConfigError, match="kinds"):
         RunConfig().with_overrides({"data.corpus_pairs.kinds": ["query"]})
+
+
+def test_a_no_label_study_end_to_end(tmp_path, small_beir):
+    """A study of corpus-pair trials (real Ray, Optuna, MLflow) on a small collection: the
+    driver encodes the pseudo-queries once, every trial trains on corpus pairs only, and the
+    study scores its best trials on test, seen and unseen, from their kept weights."""
+    import ray
+    from study_helpers import tiny_space
+
+    from study import StudyOptions, launch
+    from trainables.config import RunConfig
+
+    space = tiny_space(tmp_path, "nolabels", num_samples=2, epochs=2,
+                       extra_base={"data": {"pairs": "corpus"},
+                                   "train": {"max_steps_per_epoch": 3}})
+    summary = launch(StudyOptions(space=str(space), storage=str(tmp_path / "studies"),
+                                  data=str(small_beir), verbose=0))
+    if ray.is_initialized():
+        ray.shutdown()
+    assert summary["trials"] == 2 and summary["errored"] == 0
+    study_dir = Path(summary["study_dir"])
+    for trial in (study_dir / "trials").iterdir():
+        assert RunConfig.from_yaml(trial / "best" / "config.yaml").data.pairs == "corpus"
+    test = summary["best"]["test (reported only)"]
+    assert test["test_n_seen"] + test["test_n_unseen"] == 30
