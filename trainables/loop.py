@@ -362,6 +362,8 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
     state = found[1] if found else None
     if found and state is None:
         raise RuntimeError(f"cannot resume: checkpoint {found[0]} is unreadable")
+    if state is None and rank == 0:  # a fresh run: nothing kept from another one
+        shutil.rmtree(out_dir / BEST_DIR, ignore_errors=True)
     history: list[dict[str, Any]] = state["history"] if state else []
     if state:
         model.load_state_dict(state["model"])
@@ -461,34 +463,32 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
 # -- the best epoch: kept on disk, scored on test where it is reported ---------------------
 
 def save_best(out_dir: Path, best: dict[str, Any], cfg: RunConfig) -> Path:
-    """Writes the best epoch's weights (``model.pt``), figures (``best.json``) and the
-    run's config into ``<out_dir>/best``, whole or not at all (a directory renamed into
-    place). With a frozen base the weights are the heads only (the model holds no base)."""
-    final = Path(out_dir) / BEST_DIR
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(best["model"], tmp / "model.pt")
-    _write_json(tmp / "best.json", {k: v for k, v in best.items() if k != "model"})
-    cfg.to_yaml(tmp / "config.yaml")
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    """Keeps the best epoch in ``<out_dir>/best``: ``model.pt`` (its weights and figures, one
+    file replaced whole: a stop at any moment leaves the old best or the new one, never a
+    mix), ``best.json`` (the figures, to read) and the run's ``config.yaml`` (written once).
+    With a frozen base the weights are the heads only (the model holds no base)."""
+    folder = Path(out_dir) / BEST_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {k: v for k, v in best.items() if k not in ("model", "metrics")}
+    tmp = folder / "model.pt.tmp"
+    torch.save({"info": info, "model": best["model"]}, tmp)
+    tmp.replace(folder / "model.pt")
+    _write_json(folder / "best.json", info)
+    if not (folder / "config.yaml").exists():
+        cfg.to_yaml(folder / "config.yaml.tmp")
+        (folder / "config.yaml.tmp").replace(folder / "config.yaml")
+    return folder
 
 
 def load_best(out_dir: Path) -> tuple[RunConfig, dict[str, Any], dict[str, Any]] | None:
-    """``(config, best.json, weights)`` kept by :func:`save_best` under ``out_dir``, or None
-    when the run kept none (it never finished an epoch, or predates kept weights)."""
+    """``(config, the best epoch's figures, weights)`` kept by :func:`save_best` under
+    ``out_dir``, or None when the run kept none (it never finished an epoch, or predates
+    kept weights)."""
     path = Path(out_dir) / BEST_DIR
-    if not (path / "model.pt").exists():
+    if not (path / "model.pt").exists() or not (path / "config.yaml").exists():
         return None
-    cfg = RunConfig.from_yaml(path / "config.yaml")
-    info = json.loads((path / "best.json").read_text())
-    return cfg, info, torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    kept = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    return RunConfig.from_yaml(path / "config.yaml"), kept["info"], kept["model"]
 
 
 def score_best(model: JEPAModel, cfg: RunConfig, best: dict[str, Any], *, data: BeirData,
