@@ -230,6 +230,17 @@ def _answer_options(p: argparse.ArgumentParser) -> None:
         "data": {"action": "append", "metavar": "DIR", "help": "a BEIR directory; repeat for "
                  "each dataset (transfer between them is scored too)"},
         "space": {"help": "the space both arms search"},
+        "num_samples": {"help": "trials per search (default: the space's, divided among the "
+                        "searches)"},
+        "searches": {"help": "searches per arm and dataset, with searcher seeds 0, 1, ...: a "
+                     "recipe is its search, and their spread is reported"},
+        "pred_samples": {"help": "trials of the short search that adds the predictor to the "
+                         "best contrastive config (C+pred)"},
+        "no_labels": {"help": "true/false: the no-label arms (pairs from the corpus alone)"},
+        "nolabel_space": {"help": "the space the no-label arms search"},
+        "nolabel_samples": {"help": "trials per no-label arm"},
+        "crossfit": {"help": "folds of a cross-fitted evaluation over train and test queries "
+                     "(0: none); its own table"},
         "seeds": {"help": "fresh seeds of the retrained runs (the search uses seed 0)"},
         "storage": {"help": "parent directory of answers"},
         "address": {"help": help_of["address"]},
