@@ -124,6 +124,7 @@ def test_infonce_hard_negatives_pass_their_ids(tmp_path, scifact_dir, scifact,
                                                scifact_features, monkeypatch):
     """InfoNCE must get the hard negatives' ids, to mask one that is a positive in the batch."""
     import trainables.loop as loop
+    from trainables.data import split_for
 
     calls = []
 
@@ -138,8 +139,8 @@ def test_infonce_hard_negatives_pass_their_ids(tmp_path, scifact_dir, scifact,
                    progress=False)
     _finite_dev(result)
     assert len(calls) == 2
-    negatives = mine_hard_negatives(scifact_features, loop.make_splits(scifact)["train"], 2,
-                                    "cosine")
+    splits = split_for(scifact, cfg.data)
+    negatives = mine_hard_negatives(scifact_features, splits["train"], 2, "cosine")
     all_negs = {d for ds in negatives.values() for d in ds}
     for kw in calls:
         ids = kw.get("hard_neg_ids")
