@@ -176,10 +176,7 @@ def answer(opts: AnswerOptions) -> dict[str, Any]:
     if opts.crossfit:
         for data_dir, ds in zip(data_dirs, names):
             jobs += _crossfit_jobs(root / ds / "crossfit", data_dir, chosen[ds], opts)
-    t0 = time.time()
-    results, trained = _retrain(jobs, opts)
-    if trained:
-        timer.add("retrained runs", t0)
+    results = _retrain(jobs, opts, timer)
     t0 = time.time()
     references = {ds: _references(d, _best(chosen[ds]["jepa"])["config"])
                   for d, ds in zip(data_dirs, names)}
@@ -329,9 +326,10 @@ def crossfit_folds(data_dir: Path, cfg, k: int, where: Path) -> list[Path]:
 
 # -- 4. the retrained runs ---------------------------------------------------------------------
 
-def _retrain(jobs: list[tuple], opts: AnswerOptions) -> tuple[list[dict[str, Any]], int]:
+def _retrain(jobs: list[tuple], opts: AnswerOptions, timer: _Timer) -> list[dict[str, Any]]:
     """Trains every job (Ray tasks, one CPU each), reusing runs already finished; returns
-    every job's summary and how many were trained now."""
+    every job's summary. The time spent training is added to ``timer`` also when the
+    invocation is interrupted (its finished runs are kept and reused by the next one)."""
     import ray
 
     from study.launcher import _init_ray
@@ -339,6 +337,7 @@ def _retrain(jobs: list[tuple], opts: AnswerOptions) -> tuple[list[dict[str, Any
     results: list[dict[str, Any] | None] = [_finished(cfg, out) for *_, cfg, out in jobs]
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
+        t0 = time.time()
         _init_ray(StudyOptions(address=opts.address, verbose=opts.verbose))
         try:
             task = ray.remote(num_cpus=1, max_retries=2)(_train_one)
@@ -347,7 +346,8 @@ def _retrain(jobs: list[tuple], opts: AnswerOptions) -> tuple[list[dict[str, Any
                 results[i] = ray.get(ref)
         finally:
             ray.shutdown()
-    return results, len(todo)  # type: ignore[return-value]
+            timer.add("retrained runs", t0)
+    return results  # type: ignore[return-value]
 
 
 def _train_one(cfg_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
