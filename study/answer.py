@@ -115,7 +115,28 @@ class _Timer:
 
 
 def answer(opts: AnswerOptions) -> dict[str, Any]:
-    """Runs (or resumes) the whole answer; returns where its outputs are and the verdicts."""
+    """Runs (or resumes) the whole answer; returns where its outputs are and the verdicts.
+
+    Its studies and runs share one Ray session, started at the first study or run that has
+    work to do (an answer that reuses everything starts none) and shut down at the end."""
+    import ray
+
+    owns_ray = not ray.is_initialized()
+    try:
+        return _answer(opts)
+    finally:
+        if owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _ray_session(opts: AnswerOptions) -> None:
+    """Ray for the answer's next study or runs: started once, then reused."""
+    from study.launcher import _init_ray
+
+    _init_ray(StudyOptions(address=opts.address, verbose=opts.verbose))
+
+
+def _answer(opts: AnswerOptions) -> dict[str, Any]:
     from trainables.data import load_beir, resolve_data_dir
 
     started = time.time()
@@ -228,6 +249,7 @@ def _study(root: Path, ds: str, label: str, raw: dict[str, Any], data_dir: Path,
     study_dir = storage / name
     ran = not (study_dir / "summary.json").exists()
     if ran:
+        _ray_session(opts)
         if (study_dir / "study.json").exists():
             log.info("answer: resuming the study %s", name)
             resume(study_dir)
@@ -332,20 +354,17 @@ def _retrain(jobs: list[tuple], opts: AnswerOptions, timer: _Timer) -> list[dict
     invocation is interrupted (its finished runs are kept and reused by the next one)."""
     import ray
 
-    from study.launcher import _init_ray
-
     results: list[dict[str, Any] | None] = [_finished(cfg, out) for *_, cfg, out in jobs]
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
         t0 = time.time()
-        _init_ray(StudyOptions(address=opts.address, verbose=opts.verbose))
+        _ray_session(opts)
         try:
             task = ray.remote(num_cpus=1, max_retries=2)(_train_one)
             refs = {i: task.remote(jobs[i][-2].to_dict(), str(jobs[i][-1])) for i in todo}
             for i, ref in refs.items():
                 results[i] = ray.get(ref)
         finally:
-            ray.shutdown()
             timer.add("retrained runs", t0)
     return results  # type: ignore[return-value]
 

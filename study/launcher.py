@@ -45,16 +45,19 @@ def run(study: Study, *, resume: bool) -> dict[str, Any]:
     Ray starts first (its processes boot on their own) while a thread imports MLflow and Tune
     and opens the tracking store. A resumed study's MLflow view is synced with the record
     before Tune restores (runs a killed driver left RUNNING end KILLED as orphaned); at the
-    end, however the study ends, it is synced again with the study's end status.
+    end, however the study ends, it is synced again with the study's end status. Ray is shut
+    down at the end only when this call started it: a caller that runs several studies in
+    one Ray session (``jepa-study answer``) starts it once and shuts it down itself.
     """
     import ray
 
     started = time.time()
+    owns_ray = not ray.is_initialized()
     # Tune saves its experiment state (the record) every second instead of every 10 s or
     # more, so that a killed driver loses at most a second of it.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     with study.driver_lock():
-        _open_while_ray_starts(study)
+        _open_while_ray_starts(study, owns_ray)
         from study.scoring import references, score
         from study.sync import open_study, read_trials, sync
         from study.tuner import fit, make_tuner
@@ -96,7 +99,8 @@ def run(study: Study, *, resume: bool) -> dict[str, Any]:
                             "sync %s` once %s answers", study.dir, type(exc).__name__, exc,
                             study.dir, study.mlflow_uri)
             finally:
-                ray.shutdown()
+                if owns_ray:
+                    ray.shutdown()
     summary = study.summary(trials or read_trials(study.experiment_dir), time.time() - started)
     (study.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -112,10 +116,11 @@ def _quietly(what: str, scoring: Callable[..., Any], study: Study, **kwargs: Any
                     study.dir, type(exc).__name__, exc, study.dir)
 
 
-def _open_while_ray_starts(study: Study) -> None:
-    """Starts Ray while a thread imports Tune and MLflow, opens the tracker and loads the
-    space and the base's features, all once (both sides mostly wait on other processes or on
-    disk). When the thread fails, Ray is shut down again and its error raised."""
+def _open_while_ray_starts(study: Study, owns_ray: bool = True) -> None:
+    """Starts Ray (unless it runs already) while a thread imports Tune and MLflow, opens the
+    tracker and loads the space and the base's features, all once (both sides mostly wait on
+    other processes or on disk). When the thread fails, a Ray this call started is shut down
+    again and the error raised."""
     import ray
 
     def open_study() -> None:
@@ -129,7 +134,8 @@ def _open_while_ray_starts(study: Study) -> None:
     try:
         opened.result()
     except BaseException:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
         raise
 
 
