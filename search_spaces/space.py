@@ -415,6 +415,21 @@ def preset_path(name: str) -> Path:
     return presets[name]
 
 
+def load_run_config(spec: str, data: str | None = None) -> RunConfig:
+    """A run config from a YAML file, or a shipped preset's by name (``minimal``, ``hybrid``,
+    ``full``); ``data`` replaces its ``data.path`` (``--data``)."""
+    path = Path(spec)
+    if not path.exists() and not spec.endswith((".yaml", ".yml")):
+        try:
+            path = preset_path(spec)
+        except SpaceError:
+            raise ConfigError(f"{spec}: no such config file or preset") from None
+    cfg = RunConfig.from_yaml(path)
+    if data is not None:
+        cfg = cfg.with_overrides({"data.path": str(Path(data).resolve())}, "--data")
+    return cfg
+
+
 def load_preset(name: str) -> dict[str, Any]:
     """A shipped preset's raw (partial) run-config mapping."""
     return yaml.safe_load(preset_path(name).read_text()) or {}

@@ -46,6 +46,7 @@ from search_spaces.arms import (ARMS, arm_space, predictor_space, retrain_config
                                 searched_with, systems)
 from search_spaces.space import load_space, raw_space
 from study.launcher import StudyError, StudyOptions
+from study.study import option
 from study.tracking import StudyTracker
 
 log = logging.getLogger(__name__)
@@ -55,27 +56,35 @@ DEFAULT_SEEDS = (1, 2, 3)
 SEARCH_SEED = 0
 #: the space the no-label arms search
 NO_LABELS_SPACE = "no_labels"
+#: launch's help of the options an answer shares with it
+STUDY_HELP = {f.name: f.metadata.get("help") for f in fields(StudyOptions)}
 
 
 @dataclass
 class AnswerOptions:
     """What ``jepa-study answer`` was asked for; saved in ``answer_options.json``."""
 
-    data: list[str]
-    space: str = "jepa_core"
-    num_samples: int | None = None  #: trials per search (default: the space's / searches)
-    searches: int = 3  #: searches per arm and dataset, searcher seeds 0, 1, ...
-    pred_samples: int = 8  #: trials of C+pred's short search
-    no_labels: bool = True  #: the no-label arms
-    nolabel_space: str = NO_LABELS_SPACE  #: the space the no-label arms search
-    nolabel_samples: int = 12  #: trials per no-label arm
-    crossfit: int = 0  #: folds of the cross-fitted evaluation (0: none)
-    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
-    name: str = "answer"
-    storage: str = "answers"
-    address: str | None = None
-    mlflow_uri: str | None = None
-    max_concurrent_trials: int | None = None
+    data: list[str] = option(MISSING, "a BEIR directory; repeat for each dataset (transfer "
+                             "between them is scored too)", action="append", metavar="DIR")
+    space: str = option("jepa_core", "the space both arms search")
+    num_samples: int | None = option(None, "trials per search (default: the space's, divided "
+                                     "among the searches)")
+    searches: int = option(3, "searches per arm and dataset, with searcher seeds 0, 1, ...: a "
+                           "recipe is its search, and their spread is reported")
+    pred_samples: int = option(8, "trials of the short search that adds the predictor to the "
+                               "best contrastive config (C+pred)")
+    no_labels: bool = option(True, "true/false: the no-label arms (pairs from the corpus alone)")
+    nolabel_space: str = option(NO_LABELS_SPACE, "the space the no-label arms search")
+    nolabel_samples: int = option(12, "trials per no-label arm")
+    crossfit: int = option(0, "folds of a cross-fitted evaluation over train and test queries "
+                           "(0: none); its own table")
+    seeds: list[int] = option(lambda: list(DEFAULT_SEEDS), "fresh seeds of the retrained runs "
+                              "(the search uses seed 0)")
+    name: str = option("answer", "the answer's name (its directory under --storage)")
+    storage: str = option("answers", "parent directory of answers")
+    address: str | None = option(None, STUDY_HELP["address"])
+    mlflow_uri: str | None = option(None, "tracking URI (default: sqlite store in the answer)")
+    max_concurrent_trials: int | None = option(None, STUDY_HELP["max_concurrent_trials"])
     verbose: int = 1
 
     def __post_init__(self) -> None:

@@ -19,27 +19,11 @@ from typing import Any, Sequence
 from study.study import Study, StudyOptions
 
 
-def _load_run_config(spec: str, data: str | None):
-    """A config file, or the name of a shipped preset (minimal, hybrid, full)."""
-    from search_spaces.space import preset_path
-    from trainables.config import ConfigError, RunConfig
-
-    path = Path(spec)
-    if not path.exists() and not spec.endswith((".yaml", ".yml")):
-        try:
-            path = preset_path(spec)
-        except Exception:
-            raise ConfigError(f"{spec}: no such config file or preset") from None
-    cfg = RunConfig.from_yaml(path)
-    if data is not None:
-        cfg = cfg.with_overrides({"data.path": str(Path(data).resolve())}, "--data")
-    return cfg
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from search_spaces.space import load_run_config
     from trainables.loop import train
 
-    cfg = _load_run_config(args.config, args.data)
+    cfg = load_run_config(args.config, args.data)
     out = Path(args.out or Path("runs") / cfg.name)
 
     def report(metrics: dict, checkpoint: Path | None) -> None:
@@ -55,27 +39,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                       "a train positive)": result.get("test", {})}, indent=1))
     print(f"wrote {out / 'metrics.json'} and {out / 'config.yaml'}")
     if args.model:
-        from trainables.loop import load_best
-        from trainables.st_export import export_sentence_transformer
+        from trainables.st_export import export_kept
 
-        kept_cfg, info, weights = load_best(out)
-        card = {"trial": str(out), "config": cfg.to_dict(), "scoring": info["mode"],
-                "data": cfg.data.path, "dev": {"best_dev_ndcg_at_10": info["value"],
-                                               "best_epoch": info["epoch"]},
-                "test": {k: v for k, v in result.get("test", {}).items()
-                         if isinstance(v, (int, float))} or None}
-        folder = export_sentence_transformer(kept_cfg, weights, out / "model",
-                                             scoring=info["mode"], card=card)
+        test = {k: v for k, v in result.get("test", {}).items() if isinstance(v, (int, float))}
+        folder, _ = export_kept(out, out / "model", {"trial": str(out), "data": cfg.data.path,
+                                                     "config": cfg.to_dict(), "test": test})
         print(f"wrote the model {folder} (SentenceTransformer(path).encode_query / "
               "encode_document)")
     return 0
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
+    from search_spaces.space import load_run_config
     from trainables.config import RunConfig
     from trainables.loop import zero_shot
 
-    cfg = (_load_run_config(args.config, args.data) if args.config
+    cfg = (load_run_config(args.config, args.data) if args.config
            else RunConfig().with_overrides(
                {"data.path": str(Path(args.data).resolve()) if args.data else None}))
     if args.model:
@@ -168,17 +147,17 @@ def _options(kind: type, args: argparse.Namespace) -> Any:
     return kind(**{f.name: getattr(args, f.name) for f in fields(kind) if hasattr(args, f.name)})
 
 
-def _add_options(p: argparse.ArgumentParser, kind: type, about: dict | None = None) -> None:
+def _add_options(p: argparse.ArgumentParser, kind: type) -> None:
     """A flag per field of the options dataclass ``kind`` (``verbose`` aside): the field's
     name as ``--name-with-dashes`` (or its ``flag``), help and argparse keywords from its
-    metadata or from ``about[name]``, the type from its annotation (a list: one or more
+    metadata, the type from its annotation (a list: one or more
     values; a bool: ``true``/``false``), and no default of its own: the field's applies, so
     each default is written once, in the dataclass."""
     hints = typing.get_type_hints(kind)
     for f in fields(kind):
         if f.name == "verbose":
             continue
-        cli = {**(about or {}).get(f.name, {}), **f.metadata}
+        cli = dict(f.metadata)
         flag = cli.pop("flag", "--" + f.name.replace("_", "-"))
         hint = hints[f.name]
         if typing.get_origin(hint) is list:
@@ -225,27 +204,7 @@ class _Command(argparse.ArgumentParser):
 def _answer_options(p: argparse.ArgumentParser) -> None:
     from study.answer import AnswerOptions
 
-    help_of = {f.name: f.metadata.get("help") for f in fields(StudyOptions)}
-    _add_options(p, AnswerOptions, {
-        "data": {"action": "append", "metavar": "DIR", "help": "a BEIR directory; repeat for "
-                 "each dataset (transfer between them is scored too)"},
-        "space": {"help": "the space both arms search"},
-        "num_samples": {"help": "trials per search (default: the space's, divided among the "
-                        "searches)"},
-        "searches": {"help": "searches per arm and dataset, with searcher seeds 0, 1, ...: a "
-                     "recipe is its search, and their spread is reported"},
-        "pred_samples": {"help": "trials of the short search that adds the predictor to the "
-                         "best contrastive config (C+pred)"},
-        "no_labels": {"help": "true/false: the no-label arms (pairs from the corpus alone)"},
-        "nolabel_space": {"help": "the space the no-label arms search"},
-        "nolabel_samples": {"help": "trials per no-label arm"},
-        "crossfit": {"help": "folds of a cross-fitted evaluation over train and test queries "
-                     "(0: none); its own table"},
-        "seeds": {"help": "fresh seeds of the retrained runs (the search uses seed 0)"},
-        "storage": {"help": "parent directory of answers"},
-        "address": {"help": help_of["address"]},
-        "mlflow_uri": {"help": "tracking URI (default: sqlite store in the answer)"},
-        "max_concurrent_trials": {"help": help_of["max_concurrent_trials"]}})
+    _add_options(p, AnswerOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:

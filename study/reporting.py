@@ -4,10 +4,7 @@ from its handle and calls the analysis package, which knows nothing about study 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
+import json
 from pathlib import Path
 
 from study.study import Study, StudyError
@@ -51,31 +48,27 @@ def export_model(study: Study, exported: Path, register: bool = True) -> dict[st
     """
     from analysis.registry import log_and_register, registered_model_name
     from trainables.config import RunConfig
-    from trainables.loop import load_best
-    from trainables.st_export import export_sentence_transformer
+    from trainables.loop import BEST_DIR
+    from trainables.st_export import export_kept
 
     chosen = RunConfig.from_yaml(exported)
-    prov = chosen.provenance
-    kept = load_best(study.trial_dir(prov["trial_id"]))
+    prov, trial = chosen.provenance, study.trial_dir(chosen.provenance["trial_id"])
     retrain = (f"retrain it with `jepa-study train --config {exported} --model`, which "
                "exports the run's model")
-    if kept is None:
+    kept = trial / BEST_DIR / "best.json"
+    kept = json.loads(kept.read_text()) if kept.exists() else None
+    if kept is None or not (trial / BEST_DIR / "model.pt").exists():
         raise StudyError(f"trial {prov['trial_id']} of {study.name} kept no best-epoch weights "
-                         f"({study.trial_dir(prov['trial_id'])}/best): {retrain}")
-    cfg, info, weights = kept
-    if str(info["epoch"]) != prov.get("best_epoch", str(info["epoch"])):
+                         f"({trial / BEST_DIR}): {retrain}")
+    if str(kept["epoch"]) != prov.get("best_epoch", str(kept["epoch"])):
         raise StudyError(f"trial {prov['trial_id']}: its kept weights are of epoch "
-                         f"{info['epoch']}, the exported config's best epoch is "
+                         f"{kept['epoch']}, the exported config's best epoch is "
                          f"{prov.get('best_epoch')}: {retrain}")
-    test = {k: v for k, v in prov.items() if k.startswith("best_test_")}
     card = {"study": study.name, "trial": prov["trial_id"], "config": chosen.to_dict(),
-            "scoring": info["mode"], "data": study.data_dir,
-            "dev": {"best_dev_ndcg_at_10": info["value"], "best_epoch": info["epoch"],
-                    **{k: v for k, v in prov.items() if k.startswith("best_dev_")}},
-            "test": test or None}
-    folder = export_sentence_transformer(
-        cfg, weights, exported.with_name(exported.stem + "-model"), scoring=info["mode"],
-        card=card)
+            "data": study.data_dir, "test": {k: v for k, v in prov.items()
+                                             if k.startswith("best_test_")} or None,
+            "dev": {k: v for k, v in prov.items() if k.startswith("best_dev_")}}
+    folder, info = export_kept(trial, exported.with_name(exported.stem + "-model"), card)
     out = {"model": str(folder)}
     if register:
         uri, version = log_and_register(
@@ -94,83 +87,13 @@ def newest_study(storage: str | Path = "studies") -> Path:
     return studies[-1].parent
 
 
-def ui_command(study: str | Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """``mlflow ui`` on the study's tracking store, bound to ``host`` (loopback by default)."""
-    uri = Study.open(study).mlflow_uri
-    if uri.startswith(("http://", "https://")):
-        raise StudyError(f"this study logs to the tracking server {uri}: open it there")
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-            "--host", host, "--port", str(port)]
-
-
 def serve_ui(study: str | Path | None, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Starts the MLflow UI, prints its address and the study's runs page, and runs until
-    Ctrl-C or SIGTERM (then ``KeyboardInterrupt`` propagates: the command exits 130).
+    """``jepa-study ui``: the MLflow UI on the study's store (``analysis.ui.serve``) until
+    Ctrl-C or SIGTERM; the newest study under ``studies/`` when none is named."""
+    from analysis.ui import serve
 
-    The server (``mlflow ui`` and the worker processes it starts) runs in a session of its
-    own, so a signal meant for this command never reaches it half-way; whatever ends this
-    function (a signal, an error, the server exiting) takes its whole process group down.
-    """
-    study_dir = study or newest_study()
-    cmd = ui_command(study_dir, host, port)
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    address = f"http://{host}:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{address}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    return proc.returncode or 1
-                time.sleep(0.5)
-        print(f"MLflow UI: {address}  (Ctrl-C to stop)", flush=True)
-        runs = _study_runs_page(address, Study.open(study_dir).name)
-        if runs:
-            print(f"study runs: {runs}", flush=True)
-        return proc.wait()
-    finally:
-        _stop_process_group(proc)
-
-
-#: MLflow 3's UI shows an experiment as GenAI (traces) or model training (runs) by this URL
-#: parameter or its sidebar switch (GenAI by default), not by the experiment's kind tag
-_MODEL_TRAINING_VIEW = "workflowType=machine_learning"
-
-
-def _study_runs_page(address: str, study_name: str) -> str | None:
-    """The UI's page of the study's runs (model-training view); None when the study has no
-    experiment yet or the server does not say."""
-    import json
-    import urllib.parse
-
-    from analysis import schema as S
-
-    query = urllib.parse.urlencode({"experiment_name": S.experiment_name(study_name)})
-    try:
-        with urllib.request.urlopen(f"{address}/api/2.0/mlflow/experiments/get-by-name?{query}",
-                                    timeout=10) as resp:
-            experiment_id = json.load(resp)["experiment"]["experiment_id"]
-    except (OSError, ValueError, KeyError):
-        return None
-    return f"{address}/#/experiments/{experiment_id}/runs?{_MODEL_TRAINING_VIEW}"
-
-
-def _stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the server's process group, up to ``grace_s`` for it to shut down (its
-    main process stops and reaps its workers), then SIGKILL to whatever is left in it."""
-    import os
-    import signal
-
-    try:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    finally:  # also when a second Ctrl-C cuts the grace period short
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    handle = Study.open(study or newest_study())
+    if handle.mlflow_uri.startswith(("http://", "https://")):
+        raise StudyError(f"this study logs to the tracking server {handle.mlflow_uri}: open "
+                         "it there")
+    return serve(handle.mlflow_uri, handle.name, host, port)

@@ -43,9 +43,10 @@ class StudyError(RuntimeError):
     """A study that cannot be launched, resumed or read; the message says what to do."""
 
 
-def _option(default: Any, help: str, **cli: Any) -> Any:
-    """A launch option: its default (written here only) and how ``jepa-study launch`` shows it
-    (``help``, and argparse keywords such as ``flag``, ``choices``, ``action``)."""
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A command's option: its default (written here only; ``MISSING``: required) and how the
+    command line shows it (``help``, and argparse keywords such as ``flag``, ``choices``,
+    ``action``)."""
     value = {"default_factory": default} if callable(default) else {"default": default}
     return field(**value, metadata={"help": help, **cli})
 
@@ -55,25 +56,25 @@ class StudyOptions:
     """What ``jepa-study launch`` was asked for: the one definition of each option, its default
     and its check (the command line is built from these fields); saved in ``study.json``."""
 
-    space: str = _option("quick", "space file or shipped name (quick, jepa_core, seed_phases)")
-    num_samples: int | None = _option(None, "trials (default: the space's)")
-    data: str | None = _option(None, "BEIR directory (default: see README, 'Data')")
-    address: str | None = _option(None, "Ray cluster: auto or ray://host:10001 (default: local)")
-    num_workers: int = _option(1, "Train workers per trial (DDP)")
-    gpus_per_worker: float = _option(0.0, "GPUs of each worker")
-    cpus_per_worker: float = _option(1.0, "CPUs of each worker")
-    max_concurrent_trials: int | None = _option(None, "trials at once (default: what fits)")
-    execution: str = _option("auto", "direct: the loop inside the Tune trial (1 CPU worker); "
+    space: str = option("quick", "space file or shipped name (quick, jepa_core, seed_phases)")
+    num_samples: int | None = option(None, "trials (default: the space's)")
+    data: str | None = option(None, "BEIR directory (default: see README, 'Data')")
+    address: str | None = option(None, "Ray cluster: auto or ray://host:10001 (default: local)")
+    num_workers: int = option(1, "Train workers per trial (DDP)")
+    gpus_per_worker: float = option(0.0, "GPUs of each worker")
+    cpus_per_worker: float = option(1.0, "CPUs of each worker")
+    max_concurrent_trials: int | None = option(None, "trials at once (default: what fits)")
+    execution: str = option("auto", "direct: the loop inside the Tune trial (1 CPU worker); "
                              "train: a TorchTrainer run", choices=EXECUTIONS)
-    max_failures: int = _option(2, "retries of a failed trial, from its last checkpoint")
-    checkpoint_interval_s: float = _option(
+    max_failures: int = option(2, "retries of a failed trial, from its last checkpoint")
+    checkpoint_interval_s: float = option(
         10.0, "least seconds between two checkpoints besides the first and last epoch's (0: "
         "every epoch); a trial that fails redoes at most that much",
         flag="--checkpoint-interval", metavar="SECONDS")
-    mlflow_uri: str | None = _option(None, "tracking URI (default: sqlite store in the study)")
-    name: str | None = _option(None, "study name (default: the space's)")
-    storage: str = _option("studies", "parent directory of studies")
-    warm_start: list[str] = _option(
+    mlflow_uri: str | None = option(None, "tracking URI (default: sqlite store in the study)")
+    name: str | None = option(None, "study name (default: the space's)")
+    storage: str = option("studies", "parent directory of studies")
+    warm_start: list[str] = option(
         list, "evaluate these first: a study directory (its top 3 trials), an exported YAML "
         "file or a directory of them; repeatable", action="append", metavar="STUDY_OR_CONFIGS")
     verbose: int = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study.cli import _load_run_config
+from search_spaces.space import load_run_config
 from trainables.config import ConfigError, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,20 +72,20 @@ def test_train_writes_metrics_and_resolved_config(tmp_path, scifact_dir, scifact
     ("full", (1.0, 0.0, 1.0, 0.0)),
 ])
 def test_presets_resolve(preset, lambdas, scifact_dir):
-    cfg = _load_run_config(preset, None)
+    cfg = load_run_config(preset, None)
     loss = cfg.loss
     assert (loss.lambda_pred, loss.lambda_con, loss.lambda_iso, loss.lambda_reg) == lambdas
     assert cfg.name == preset and cfg.model.freeze_base and cfg.data.path is None
-    with_data = _load_run_config(preset, str(scifact_dir))
+    with_data = load_run_config(preset, str(scifact_dir))
     assert with_data.data.path == str(scifact_dir)
     assert with_data.loss == loss
 
 
 def test_unknown_preset_or_missing_file():
     with pytest.raises(ConfigError, match="no such config file or preset"):
-        _load_run_config("maximal", None)
+        load_run_config("maximal", None)
     with pytest.raises(ConfigError, match="not found"):
-        _load_run_config("does/not/exist.yaml", None)
+        load_run_config("does/not/exist.yaml", None)
 
 
 def test_bad_config_exits_2_naming_field_and_file(tmp_path, scifact_dir):

@@ -242,11 +242,12 @@ def page_problems(page: Page) -> list[str]:
 def test_ui_serves_the_study_on_loopback_and_shows_its_runs(study_dir, ui, page, page_problems):
     from mlflow.tracking import MlflowClient
 
-    from study.reporting import ui_command
+    from analysis.ui import ui_command
+    from study import Study
 
     # bound to the loopback address only: asked for, and refused on another loopback
     # address (a socket bound to every address would answer on 127.0.0.2 too)
-    command = ui_command(study_dir)
+    command = ui_command(Study.open(study_dir).mlflow_uri)
     assert command[command.index("--host") + 1] == "127.0.0.1", command
     port, out, err, proc = ui
     address_line, runs_line = _wait_for_lines(proc, out, err, port)
