@@ -118,15 +118,17 @@ def _quietly(what: str, scoring: Callable[..., Any], study: Study, **kwargs: Any
 
 def _open_while_ray_starts(study: Study, owns_ray: bool = True) -> None:
     """Starts Ray (unless it runs already) while a thread imports Tune and MLflow, opens the
-    tracker and loads the space and the base's features, all once (both sides mostly wait on
-    other processes or on disk). When the thread fails, a Ray this call started is shut down
-    again and the error raised."""
+    tracker, makes the Optuna storage and loads the space and the base's features, all once
+    (both sides mostly wait on other processes or on disk). When the thread fails, a Ray this
+    call started is shut down again and the error raised."""
     import ray
 
     def open_study() -> None:
+        import optuna
         import ray.tune  # noqa: F401 - imported here, while Ray starts
 
         study.tracker(), study.trial_config, study.features  # each built once, here
+        optuna.storages.RDBStorage(study.optuna_url)  # its tables made here (~0.7 s)
 
     with ThreadPoolExecutor(1, thread_name_prefix="jepa-study-open") as pool:
         opened = pool.submit(open_study)
