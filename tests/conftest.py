@@ -37,9 +37,16 @@ def scifact(scifact_dir):
 
 @pytest.fixture(scope="session")
 def scifact_features(scifact):
-    from trainables.cache import load_or_compute
+    """SciFact's base features; under a lock, so that the test processes of one run (pytest-
+    xdist's workers) encode a cold cache once, not once each."""
+    import fcntl
 
-    return load_or_compute(scifact, "all-MiniLM-L6-v2", 256, progress=False)
+    from trainables.cache import cache_root, load_or_compute
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / ".tests-scifact.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return load_or_compute(scifact, "all-MiniLM-L6-v2", 256, progress=False)
 
 
 def pytest_collection_modifyitems(items):

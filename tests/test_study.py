@@ -120,11 +120,11 @@ def _count(monkeypatch, module, name: str) -> list:
 
 def _status_command(study_dir: Path) -> dict:
     """``jepa-study status`` in a fresh interpreter: on a finished study it reads the study's
-    files only (neither the space nor Optuna is imported) and answers in well under a
-    second, the interpreter's start included."""
-    code = ("import json, sys, time; t = time.perf_counter(); from study.cli import main; "
+    files only: neither the space nor Optuna nor any other heavy package is imported (its
+    time is benchmark figure 12's, ``benchmarks/bench_study.py --figures 12``)."""
+    code = ("import json, sys; from study.cli import main; "
             f"main(['status', {str(study_dir)!r}]); "
-            "print(json.dumps({'s': time.perf_counter() - t, 'modules': sorted(sys.modules)}))")
+            "print(json.dumps({'modules': sorted(sys.modules)}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
@@ -132,7 +132,6 @@ def _status_command(study_dir: Path) -> dict:
     status, timing = json.loads(out.stdout[:start]), json.loads(out.stdout[start:])
     heavy = {"optuna", "search_spaces.space", "pydantic", "ray", "mlflow", "torch"}
     assert not heavy & set(timing["modules"]), heavy & set(timing["modules"])
-    assert timing["s"] < 0.5, timing["s"]
     return status
 
 
