@@ -130,12 +130,14 @@ def answer(opts: AnswerOptions) -> dict[str, Any]:
     work to do (an answer that reuses everything starts none) and shut down at the end."""
     import ray
 
+    from study.launcher import stop_ray
+
     owns_ray = not ray.is_initialized()
     try:
         return _answer(opts)
     finally:
         if owns_ray and ray.is_initialized():
-            ray.shutdown()
+            stop_ray()
 
 
 def _ray_session(opts: AnswerOptions) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from analysis import schema as S
 from study.study import PROJECT_ROOT, Study, StudyError, StudyOptions
 
-__all__ = ["StudyError", "StudyOptions", "launch", "resume", "run"]
+__all__ = ["StudyError", "StudyOptions", "launch", "resume", "run", "stop_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def run(study: Study, *, resume: bool) -> dict[str, Any]:
                             study.dir, study.mlflow_uri)
             finally:
                 if owns_ray:
-                    ray.shutdown()
+                    stop_ray()
     summary = study.summary(trials or read_trials(study.experiment_dir), time.time() - started)
     (study.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -137,8 +137,28 @@ def _open_while_ray_starts(study: Study, owns_ray: bool = True) -> None:
         opened.result()
     except BaseException:
         if owns_ray:
-            ray.shutdown()
+            stop_ray()
         raise
+
+
+def stop_ray() -> None:
+    """``ray.shutdown()``, a second sooner when this process started the cluster.
+
+    Ray 2.60 stops the processes it started one by one, each given a second to exit on
+    SIGTERM. The autoscaler's monitor never exits on SIGTERM within that second, so every
+    local launch paid a second waiting for it (measured: raylet 0.07 s, GCS 0.02 s, monitor
+    1.02 s). It keeps no state of its own (it reads the GCS, which is going too): it is killed
+    first. Joined clusters (``--address``) are only disconnected from, as before."""
+    import ray
+    from ray._private import ray_constants, worker  # pinned: ray>=2.60,<2.61
+
+    node = worker._global_node
+    if node is not None and node.head:
+        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    ray.shutdown()
 
 
 def _init_ray(opts: StudyOptions) -> None:

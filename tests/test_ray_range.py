@@ -148,3 +148,20 @@ def test_private_names_the_tests_use():
     assert hasattr(ray._private.worker, "_global_node")
     assert callable(ray._private.utils.set_sigterm_handler)
     assert hasattr(CLIReporter(parameter_columns={"x": "x"}), "_parameter_columns")
+
+
+def test_local_node_names_stop_ray_uses():
+    """``study.launcher.stop_ray`` kills the autoscaler monitor of a Ray this process started
+    before ``ray.shutdown()`` (which would wait a second for it on SIGTERM) through the node's
+    table of processes by type (end to end: tests/test_study.py::test_stop_ray_stops_every_
+    process_ray_started)."""
+    import inspect
+
+    from ray._private import node, ray_constants, worker
+
+    assert ray_constants.PROCESS_TYPE_MONITOR == "monitor"
+    assert hasattr(worker, "_global_node")
+    init = inspect.getsource(node.Node.__init__)
+    assert "self.head = head" in init and "self.all_processes" in init
+    # a process already gone (the monitor) is skipped, not waited for
+    assert "process.poll() is not None" in inspect.getsource(node.Node._kill_process_impl)

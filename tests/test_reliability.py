@@ -512,7 +512,7 @@ def test_interrupted_study_ends_runs_killed_and_resumes(tmp_path, scifact_dir,
     log = tmp_path / "driver.log"
     proc = _launch_cli(space, storage, scifact_dir, "--max-concurrent-trials", "2", log=log)
     try:
-        wait_for(lambda: _tuning(study_dir, name) and _finished_and_in_flight(uri, name),
+        wait_for(lambda: _tuning(study_dir, name) and _finished_and_in_flight(uri, name, epochs),
                  240, proc, "a finished trial and one in flight", log)
     finally:
         _stop_cli(proc, signal.SIGINT, log)
@@ -526,7 +526,7 @@ def test_interrupted_study_ends_runs_killed_and_resumes(tmp_path, scifact_dir,
     try:
         wait_for(lambda: sum(r.info.status == S.STATUS_FINISHED
                              for r in child_runs(uri, name)) > finished
-                 and _finished_and_in_flight(uri, name), 240, proc,
+                 and _finished_and_in_flight(uri, name, epochs), 240, proc,
                  "progress after the resume, and a trial in flight", log)
     finally:
         _stop_cli(proc, signal.SIGTERM, log)
@@ -571,7 +571,7 @@ def test_driver_exception_ends_runs_truthfully(tmp_path, scifact_dir, scifact_fe
 
     def break_storage() -> None:
         try:
-            wait_for(lambda: _tuning(study_dir, name) and _finished_and_in_flight(uri, name),
+            wait_for(lambda: _tuning(study_dir, name) and _finished_and_in_flight(uri, name, 3),
                      300, what="a finished trial and one in flight")
             optuna.delete_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
         except BaseException as exc:  # noqa: BLE001 - reported by the test
@@ -596,12 +596,16 @@ def test_driver_exception_ends_runs_truthfully(tmp_path, scifact_dir, scifact_fe
         assert run.data.tags[S.TAG_STOP_REASON] == reason
 
 
-def _finished_and_in_flight(uri: str, study: str) -> bool:
-    """A finished trial run, and a running one that has reported its first epoch only."""
+def _finished_and_in_flight(uri: str, study: str, epochs: int) -> bool:
+    """A finished trial run, and a running one that has reported an epoch but not its last.
+
+    Not "its first epoch only": the MLflow view is written off the trials' path, so under
+    load a poll can see a trial's epochs land two at a time, and the last trials of a resume
+    then pass through the one-epoch state unseen (seen once in CI-like runs under xdist)."""
     runs = child_runs(uri, study)
     return any(r.info.status == S.STATUS_FINISHED for r in runs) and any(
         r.info.status == S.STATUS_RUNNING and METRIC in r.data.metrics
-        and len(MlflowClient(uri).get_metric_history(r.info.run_id, METRIC)) == 1
+        and 1 <= len(MlflowClient(uri).get_metric_history(r.info.run_id, METRIC)) < epochs
         for r in runs)
 
 

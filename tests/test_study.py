@@ -22,7 +22,8 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from mlflow_fixtures import free_port, mlflow_server  # noqa: F401
-from study_helpers import child_runs, metric_steps, optuna_states, parent_runs, tiny_space
+from study_helpers import (child_runs, live_descendants, metric_steps, optuna_states, parent_runs,
+                           still_alive, tiny_space)
 
 from analysis import schema as S
 from search_spaces.space import SpaceError
@@ -319,6 +320,27 @@ def test_interrupt_watch_tells_tunes_sigint_from_a_normal_end(tmp_path, send_sig
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler does not outlive fit
     (result,) = list(grid)
     assert (result.metrics["i"] < steps - 1) is send_sigint
+
+
+def test_stop_ray_stops_every_process_ray_started():
+    """``stop_ray`` kills the local node's autoscaler monitor itself (``ray.shutdown`` would
+    give it a second on SIGTERM, which it never takes up); every process ``ray.init`` started,
+    the monitor, raylet, GCS and workers included, is gone after it, and Ray can start again."""
+    from study.launcher import stop_ray
+
+    for _ in range(2):  # twice: the second start finds nothing of the first in its way
+        before = {p.pid for p in live_descendants(os.getpid())}  # other fixtures' servers
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        assert ray.get(ray.remote(lambda: 1).remote()) == 1
+        started = [p for p in live_descendants(os.getpid()) if p.pid not in before]
+        names = " ".join(" ".join(p.cmdline()) for p in started)
+        assert "monitor.py" in names and "raylet" in names and "gcs_server" in names
+        stop_ray()
+        assert not ray.is_initialized()
+        deadline = time.time() + 10
+        while still_alive(started) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not still_alive(started), [p.cmdline()[:2] for p in still_alive(started)]
 
 
 @pytest.mark.parametrize("space", ["quick", "jepa_core", "seed_phases"])
