@@ -39,11 +39,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                       "a train positive)": result.get("test", {})}, indent=1))
     print(f"wrote {out / 'metrics.json'} and {out / 'config.yaml'}")
     if args.model:
+        from trainables.loop import load_best
         from trainables.st_export import export_kept
 
         test = {k: v for k, v in result.get("test", {}).items() if isinstance(v, (int, float))}
-        folder, _ = export_kept(out, out / "model", {"trial": str(out), "data": cfg.data.path,
-                                                     "config": cfg.to_dict(), "test": test})
+        folder = export_kept(load_best(out), out / "model", {
+            "trial": str(out), "data": cfg.data.path, "config": cfg.to_dict(), "test": test})
         print(f"wrote the model {folder} (SentenceTransformer(path).encode_query / "
               "encode_document)")
     return 0

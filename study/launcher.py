@@ -156,8 +156,7 @@ def stop_ray() -> None:
     if node is not None and node.head:
         for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
             if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
+                info.process.kill()  # reaped by ray.shutdown(), which skips it once it is gone
     ray.shutdown()
 
 

@@ -4,7 +4,6 @@ from its handle and calls the analysis package, which knows nothing about study 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from study.study import Study, StudyError
@@ -48,27 +47,27 @@ def export_model(study: Study, exported: Path, register: bool = True) -> dict[st
     """
     from analysis.registry import log_and_register, registered_model_name
     from trainables.config import RunConfig
-    from trainables.loop import BEST_DIR
+    from trainables.loop import BEST_DIR, load_best
     from trainables.st_export import export_kept
 
     chosen = RunConfig.from_yaml(exported)
     prov, trial = chosen.provenance, study.trial_dir(chosen.provenance["trial_id"])
     retrain = (f"retrain it with `jepa-study train --config {exported} --model`, which "
                "exports the run's model")
-    kept = trial / BEST_DIR / "best.json"
-    kept = json.loads(kept.read_text()) if kept.exists() else None
-    if kept is None or not (trial / BEST_DIR / "model.pt").exists():
+    kept = load_best(trial)
+    if kept is None:
         raise StudyError(f"trial {prov['trial_id']} of {study.name} kept no best-epoch weights "
                          f"({trial / BEST_DIR}): {retrain}")
-    if str(kept["epoch"]) != prov.get("best_epoch", str(kept["epoch"])):
+    info = kept[1]
+    if str(info["epoch"]) != prov.get("best_epoch", str(info["epoch"])):
         raise StudyError(f"trial {prov['trial_id']}: its kept weights are of epoch "
-                         f"{kept['epoch']}, the exported config's best epoch is "
+                         f"{info['epoch']}, the exported config's best epoch is "
                          f"{prov.get('best_epoch')}: {retrain}")
     card = {"study": study.name, "trial": prov["trial_id"], "config": chosen.to_dict(),
             "data": study.data_dir, "test": {k: v for k, v in prov.items()
                                              if k.startswith("best_test_")} or None,
             "dev": {k: v for k, v in prov.items() if k.startswith("best_dev_")}}
-    folder, info = export_kept(trial, exported.with_name(exported.stem + "-model"), card)
+    folder = export_kept(kept, exported.with_name(exported.stem + "-model"), card)
     out = {"model": str(folder)}
     if register:
         uri, version = log_and_register(

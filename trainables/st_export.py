@@ -127,23 +127,17 @@ def export_sentence_transformer(cfg: RunConfig, state_dict: Mapping[str, torch.T
 
 # -- the JEPA model --------------------------------------------------------------------------
 
-def export_kept(run_dir: Path, out_dir: Path, card: Mapping[str, Any]
-                ) -> tuple[Path, dict[str, Any]] | None:
-    """The model a run kept of its best dev epoch (``trainables.loop.load_best``) as a folder
-    (:func:`export_sentence_transformer`), encoding queries with the scoring dev chose; the
-    card gets that scoring and the best epoch's dev figure besides ``card``'s own. Returns
-    ``(out_dir, the best epoch's figures)``, or None when the run kept no weights."""
-    from trainables.loop import load_best
-
-    kept = load_best(run_dir)
-    if kept is None:
-        return None
+def export_kept(kept: tuple[RunConfig, Mapping[str, Any], Mapping[str, torch.Tensor]],
+                out_dir: Path, card: Mapping[str, Any]) -> Path:
+    """The model a run kept of its best dev epoch (``kept``: what
+    ``trainables.loop.load_best`` returns) as a folder (:func:`export_sentence_transformer`),
+    encoding queries with the scoring dev chose; the card gets that scoring and the best
+    epoch's dev figure besides ``card``'s own. Returns ``out_dir``."""
     cfg, info, weights = kept
     dev = {"best_dev_ndcg_at_10": info["value"], "best_epoch": info["epoch"],
            **card.get("dev", {})}
-    folder = export_sentence_transformer(cfg, weights, out_dir, scoring=info["mode"],
-                                         card={**card, "scoring": info["mode"], "dev": dev})
-    return folder, info
+    return export_sentence_transformer(cfg, weights, out_dir, scoring=info["mode"],
+                                       card={**card, "scoring": info["mode"], "dev": dev})
 
 
 def _has_base(state_dict: Mapping[str, torch.Tensor]) -> bool:
