@@ -4,7 +4,8 @@ Input is what ``jepa-study answer`` measured, one :class:`Measured` per dataset:
 of each arm (:class:`Search`, the *search spread*), the retrained runs of each system
 (:class:`System` of :class:`Run`, per-query test nDCG@10 under both scorings and on the other
 collections), the reference rows (zero-shot, BM25, document prior), the seen/unseen test
-queries (``trainables.subsets``) and, optionally, cross-fitted per-query figures.
+queries (``trainables.subsets``) and, optionally, cross-fitted per-query figures with their
+own reference rows and seen/unseen queries (seen against each fold's training queries).
 
 The systems (any may be missing; its comparisons are then skipped and noted in the design):
 
@@ -48,8 +49,8 @@ from analysis.answer_render import (describe_budget, describe_config, dumps, fin
 from analysis.stats import compare_all, per_query_matrix
 
 __all__ = ["COMPARISONS", "FAMILIES", "Measured", "Run", "Search", "Side", "Spec", "System",
-           "answer_dict", "best_search", "comparisons", "plan_rows", "search_rows",
-           "system_rows",
+           "answer_dict", "best_search", "comparisons", "crossfit_rows", "plan_rows",
+           "search_rows", "system_rows",
            # re-exported from analysis.answer_render
            "describe_budget", "describe_config", "dumps", "findings", "html_report",
            "markdown", "verdicts"]
@@ -79,8 +80,13 @@ FAMILIES = {
     "diagnostic": "why: J's scorings, J* without L_pred or with its capacity, transfer",
     "subsets": "seen and unseen test queries; the trained systems against the doc prior",
     "no_labels": "trained on the corpus alone (no labels)",
+    "crossfit_pooled": "cross-fitted primary endpoints: the mean over datasets of the "
+                       "per-dataset differences on cross-fitted queries",
     "crossfit": "cross-fitted train ∪ test queries, each scored by a model trained "
                 "without it (apart from the BEIR test figures)",
+    "crossfit_subsets": "seen and unseen cross-fitted queries (seen: a relevant document was "
+                        "a positive of the fold's training queries); against the doc prior "
+                        "and zero-shot on the same queries",
 }
 
 # How a side's rows are chosen (Side.select).
@@ -114,14 +120,14 @@ class Spec:
 
     Attributes:
         name: Its name in the tables.
-        family: Family of its rows on all queries; rows on the seen/unseen subsets go to
-            ``subsets``, and a ``pooled`` comparison's per-dataset rows to
-            ``primary_per_dataset`` (its pooled row is in ``primary``).
+        family: Family of its per-dataset rows on all queries.
         a, b: The sides; the difference is A - B.
         paired: Seeds paired (the same seed's init and batches, or the same run).
         on: ``test``, ``transfer`` (each other collection) or ``crossfit``.
         subsets: Query sets: ``all``, ``seen``, ``unseen``.
-        pooled: Also pooled over datasets (the primary endpoint).
+        pooled: The family of its row pooled over datasets (a primary endpoint); None: not
+            pooled.
+        subset_family: The family of its rows on the seen/unseen subsets.
     """
 
     name: str
@@ -131,7 +137,8 @@ class Spec:
     paired: bool = False
     on: str = "test"
     subsets: tuple[str, ...] = ("all",)
-    pooled: bool = False
+    pooled: str | None = None
+    subset_family: str = "subsets"
 
 
 _J = Side("jepa", RECIPE, label="J")
@@ -144,11 +151,16 @@ _DP = Side("doc_prior", REFERENCE, label="doc prior")
 _NJ = Side("nolabel_jepa", BEST, label="no-label J")
 _NC = Side("nolabel_contrastive", BEST, label="no-label C")
 _ALL3 = ("all", "seen", "unseen")
+_CROSSFIT = dict(on="crossfit", subset_family="crossfit_subsets")
+_JX = Side("jepa", CROSSFIT, label="J*")
+_CX = Side("contrastive", CROSSFIT, label="C*")
 
 #: The pre-registered comparisons, in report order.
 COMPARISONS: tuple[Spec, ...] = (
-    Spec("J vs tuned contrastive", "primary", _J, _C, subsets=_ALL3, pooled=True),
-    Spec("C+pred vs C", "primary", _CP, _CS, paired=True, subsets=_ALL3, pooled=True),
+    Spec("J vs tuned contrastive", "primary_per_dataset", _J, _C, subsets=_ALL3,
+         pooled="primary"),
+    Spec("C+pred vs C", "primary_per_dataset", _CP, _CS, paired=True, subsets=_ALL3,
+         pooled="primary"),
     Spec("predictor vs query scoring of J", "diagnostic",
          Side("jepa", RUNS, "predictor", "J (predictor)"),
          Side("jepa", RUNS, "query", "J (query)"), paired=True),
@@ -163,10 +175,16 @@ COMPARISONS: tuple[Spec, ...] = (
     Spec("no-label J vs no-label C", "no_labels", _NJ, _NC, subsets=_ALL3),
     Spec("no-label J vs zero-shot", "no_labels", _NJ, _ZS, subsets=_ALL3),
     Spec("no-label C vs zero-shot", "no_labels", _NC, _ZS, subsets=_ALL3),
-    Spec("J* vs C* (cross-fitted)", "crossfit", Side("jepa", CROSSFIT, label="J*"),
-         Side("contrastive", CROSSFIT, label="C*"), on="crossfit"),
+    Spec("J* vs C* (cross-fitted)", "crossfit", _JX, _CX, subsets=_ALL3,
+         pooled="crossfit_pooled", **_CROSSFIT),
     Spec("C+pred vs C* (cross-fitted)", "crossfit", Side("c_pred", CROSSFIT, label="C+pred"),
-         Side("contrastive", CROSSFIT, label="C*"), paired=True, on="crossfit"),
+         _CX, paired=True, subsets=_ALL3, pooled="crossfit_pooled", **_CROSSFIT),
+    Spec("J* vs doc prior (cross-fitted)", "crossfit_subsets", _JX, _DP, subsets=SUBSETS,
+         **_CROSSFIT),
+    Spec("C* vs doc prior (cross-fitted)", "crossfit_subsets", _CX, _DP, subsets=SUBSETS,
+         **_CROSSFIT),
+    Spec("J* vs zero-shot (cross-fitted)", "crossfit_subsets", _JX, _ZS, subsets=SUBSETS,
+         **_CROSSFIT),
 )
 
 
@@ -236,6 +254,10 @@ class Measured:
         searches: Every search of every arm.
         crossfit: System -> {str(seed): {query id: nDCG@10}} over train ∪ test queries,
             each scored by a model trained without it; None: no cross-fitted table.
+        crossfit_references: The reference rows on the same queries, each fold's from its
+            own training queries (the doc prior's counts, β by dev).
+        crossfit_subsets: ``{"seen": [ids], "unseen": [ids]}`` of the cross-fitted queries,
+            seen against the training queries of the query's fold.
     """
 
     dataset: str
@@ -245,6 +267,14 @@ class Measured:
     design: dict[str, Any] = field(default_factory=dict)
     searches: list[Search] = field(default_factory=list)
     crossfit: dict[str, dict[str, dict[str, float]]] | None = None
+    crossfit_references: dict[str, dict[str, float]] = field(default_factory=dict)
+    crossfit_subsets: dict[str, list[str]] = field(default_factory=dict)
+
+    def queries(self, on: str) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+        """The reference rows and seen/unseen ids of the queries a spec is ``on``."""
+        if on == "crossfit":
+            return self.crossfit_references, self.crossfit_subsets
+        return self.references, self.subsets
 
 
 def _scoring(system: System, run: Run, scoring: str | None = None) -> str:
@@ -275,12 +305,14 @@ def best_search(m: Measured, system: str) -> int | None:
 Units = dict[Any, dict[str, float]]
 
 
-def _side_units(m: Measured, side: Side, target: str | None) -> tuple[Units, str] | str:
+def _side_units(m: Measured, side: Side, target: str | None,
+                on: str = "test") -> tuple[Units, str] | str:
     """A side's rows as {unit key: {qid: value}} and the unit's word, or why it has none."""
     if side.select == REFERENCE:
-        if side.source not in m.references:
-            return f"no {side.source} reference row"
-        return {"reference": m.references[side.source]}, "reference"
+        references = m.queries(on)[0]
+        if side.source not in references:
+            return f"no {side.source} reference row" + (" on them" if on == "crossfit" else "")
+        return {"reference": references[side.source]}, "reference"
     if side.select == CROSSFIT:
         per_seed = (m.crossfit or {}).get(side.source)
         if not per_seed:
@@ -339,7 +371,7 @@ def _build(m: Measured, spec: Spec, target: str | None) -> _Built | str:
     """The two sides' rows, aligned for a paired spec, on their common queries."""
     sides = []
     for side in (spec.a, spec.b):
-        got = _side_units(m, side, target)
+        got = _side_units(m, side, target, spec.on)
         if isinstance(got, str):
             return got
         sides.append(got)
@@ -389,6 +421,7 @@ def _dataset_rows(m: Measured, spec: Spec, notes: list[str]) -> list[_Row]:
     if spec.on == "crossfit" and m.crossfit is None:
         return []  # the optional table: nothing to note
     rows = []
+    subsets = m.queries(spec.on)[1]
     for target in _targets(m, spec):
         where = spec.name + (f" on {target}" if target else "")
         built = ("no transfer collection scored" if spec.on == "transfer" and target is None
@@ -398,10 +431,10 @@ def _dataset_rows(m: Measured, spec: Spec, notes: list[str]) -> list[_Row]:
             continue
         notes += [f"{where}: {n}" for n in built.notes]
         for subset in spec.subsets:
-            if subset != "all" and subset not in m.subsets:
+            if subset != "all" and subset not in subsets:
                 notes.append(f"{where} on {subset} queries: skipped (no seen/unseen split)")
                 continue
-            keep = set(m.subsets[subset]) if subset != "all" else None
+            keep = set(subsets[subset]) if subset != "all" else None
             qids = [q for q in built.qids if keep is None or q in keep]
             if len(qids) < 2:
                 notes.append(f"{where} on {subset} queries: skipped ({len(qids)} queries)")
@@ -410,8 +443,7 @@ def _dataset_rows(m: Measured, spec: Spec, notes: list[str]) -> list[_Row]:
                      "comparison": spec.name, "a": spec.a.label, "b": spec.b.label,
                      "units_a": built.unit_a, "units_b": built.unit_b, "on": spec.on}
             rows.append(_Row(
-                family=("subsets" if subset != "all" else
-                        "primary_per_dataset" if spec.pooled else spec.family),
+                family=spec.subset_family if subset != "all" else spec.family,
                 key=f"{m.dataset}: {where}" + ("" if subset == "all" else f" [{subset}]"),
                 pair=(per_query_matrix(built.a, qids)[0], per_query_matrix(built.b, qids)[0]),
                 paired=spec.paired, label=label))
@@ -424,7 +456,7 @@ def _plan(measured: Sequence[Measured]):
     paired: dict[str, dict[str, bool]] = {f: {} for f in FAMILIES}
     labels: dict[str, dict[str, Any]] = {}
     notes: dict[str, list[str]] = {m.dataset: [] for m in measured}
-    pooled: dict[str, list[_Row]] = {}
+    pooled: dict[tuple[str, str], list[_Row]] = {}
     for m in measured:
         for spec in COMPARISONS:
             for row in _dataset_rows(m, spec, notes[m.dataset]):
@@ -432,11 +464,11 @@ def _plan(measured: Sequence[Measured]):
                 paired[row.family][row.key] = row.paired
                 labels[row.key] = row.label
                 if spec.pooled and row.label["subset"] == "all":
-                    pooled.setdefault(spec.name, []).append(row)
-    for name, rows in pooled.items():  # the primary endpoints: {dataset: (a, b)}
+                    pooled.setdefault((spec.pooled, spec.name), []).append(row)
+    for (family, name), rows in pooled.items():  # the endpoints: {dataset: (a, b)}
         key = f"pooled: {name}"
-        pairs["primary"][key] = {r.label["dataset"]: r.pair for r in rows}
-        paired["primary"][key] = rows[0].paired
+        pairs[family][key] = {r.label["dataset"]: r.pair for r in rows}
+        paired[family][key] = rows[0].paired
         labels[key] = {**rows[0].label, "dataset": "pooled"}
     return pairs, paired, labels, notes
 
@@ -566,6 +598,32 @@ def system_rows(measured: Sequence[Measured]) -> list[dict[str, Any]]:
     return rows
 
 
+def crossfit_rows(measured: Sequence[Measured]) -> list[dict[str, Any]]:
+    """Per dataset with a cross-fitted table, its systems and then its reference rows on the
+    cross-fitted queries: ``dataset``, ``kind`` (trained/reference), ``system``, ``seeds``
+    and ``test`` ({all, seen, unseen: {mean, seed_std, n}}: the mean over seeds of each
+    seed's mean over the subset's queries, their sd, the query count)."""
+    rows = []
+    for m in measured:
+        if not m.crossfit:
+            continue
+        ids = {"all": None, **{s: set(m.crossfit_subsets[s]) for s in SUBSETS
+                               if s in m.crossfit_subsets}}
+        found = [(n, "trained", m.crossfit[n]) for n in SYSTEMS if m.crossfit.get(n)]
+        found += [(n, "reference", {"-": m.crossfit_references[n]}) for n in REFERENCES
+                  if n in m.crossfit_references]
+        for name, kind, per_seed in found:
+            first = next(iter(per_seed.values()))
+            test = {subset: {"mean": _avg([_mean_on(v, keep) for v in per_seed.values()]),
+                             "seed_std": _std([_mean_on(v, keep) for v in per_seed.values()]),
+                             "n": sum(1 for q in first if keep is None or q in keep)}
+                    for subset, keep in ids.items()}
+            rows.append({"dataset": m.dataset, "kind": kind, "system": name,
+                         "seeds": sorted(per_seed) if kind == "trained" else [],
+                         "test": test})
+    return rows
+
+
 def _range(values: Sequence[float]) -> dict[str, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -607,7 +665,8 @@ def plan_rows() -> list[dict[str, Any]]:
     unit = {RECIPE: "searches (mean over each one's seeds)", BEST: "the best search's seeds",
             RUNS: "its runs (seeds)", REFERENCE: "one reference row",
             CROSSFIT: "seeds (cross-fitted)"}
-    return [{"comparison": s.name, "family": s.family, "a": s.a.label, "b": s.b.label,
+    return [{"comparison": s.name, "family": s.pooled or s.family, "a": s.a.label,
+             "b": s.b.label,
              "a_units": unit[s.a.select], "b_units": unit[s.b.select],
              "scoring": (f"{s.a.scoring or 'chosen'} / {s.b.scoring or 'chosen'}"),
              "paired": s.paired, "on": s.on, "subsets": list(s.subsets), "pooled": s.pooled}
@@ -625,18 +684,21 @@ def answer_dict(measured: Sequence[Measured], **kwargs: Any) -> dict[str, Any]:
         ``design`` ({dataset: its design, plus ``skipped``: the notes of comparisons left
         out}), ``plan`` (:func:`plan_rows`), ``families`` (:data:`FAMILIES`), ``settings``
         (margin, confidence), ``searches`` (:func:`search_rows`), ``systems``
-        (:func:`system_rows`), ``comparisons`` (:func:`comparisons`), ``pooled`` (each
-        pooled primary row with its per-dataset rows), ``verdicts`` ({family: sentences})
-        and ``findings`` (:func:`findings`).
+        (:func:`system_rows`), ``crossfit_systems`` (:func:`crossfit_rows`),
+        ``comparisons`` (:func:`comparisons`), ``pooled`` (each pooled row, primary and
+        cross-fitted, with its family and its per-dataset rows), ``verdicts`` ({family:
+        sentences}) and ``findings`` (:func:`findings`).
     """
     comps, notes = _comparisons(measured, **kwargs)
     systems = system_rows(measured)
     refs = {(r["dataset"], r["system"]): r["test"] for r in systems if r["kind"] == "reference"}
     extra = prior_clauses(comps, refs)
-    pooled = [{"comparison": r["comparison"], "pooled": r,
-               "per_dataset": [p for p in comps["primary_per_dataset"]
-                               if p["comparison"] == r["comparison"]]}
-              for r in comps["primary"]]
+    per_dataset = {s.pooled: s.family for s in COMPARISONS if s.pooled}
+    pooled = [{"comparison": r["comparison"], "family": family, "pooled": r,
+               "per_dataset": [p for p in comps[per_dataset[family]]
+                               if p["comparison"] == r["comparison"]
+                               and p["subset"] == "all"]}
+              for family in dict.fromkeys(per_dataset) for r in comps[family]]
     design = {}
     for m in measured:
         design[m.dataset] = dict(m.design)
@@ -645,7 +707,8 @@ def answer_dict(measured: Sequence[Measured], **kwargs: Any) -> dict[str, Any]:
     return {"design": design, "plan": plan_rows(), "families": dict(FAMILIES),
             "settings": {"margin_points": kwargs.get("margin_points", 1.0),
                          "confidence": kwargs.get("confidence", 0.95)},
-            "searches": search_rows(measured), "systems": systems, "comparisons": comps,
+            "searches": search_rows(measured), "systems": systems,
+            "crossfit_systems": crossfit_rows(measured), "comparisons": comps,
             "pooled": pooled,
             "verdicts": {f: verdicts(rows, extra) for f, rows in comps.items() if rows},
             "findings": findings(comps, systems)}

@@ -31,8 +31,12 @@ FAMILY_TITLES = {
     "diagnostic": "Diagnostic comparisons",
     "subsets": "Seen and unseen test queries",
     "no_labels": "Without labels (trained on the corpus alone)",
+    "crossfit_pooled": "Cross-fitted primary endpoints, pooled over datasets (not BEIR test "
+                       "figures)",
     "crossfit": "Cross-fitted queries (train ∪ test, each scored by a model trained without "
                 "it; not BEIR test figures)",
+    "crossfit_subsets": "Seen and unseen cross-fitted queries (against each fold's training "
+                        "queries)",
 }
 
 
@@ -220,7 +224,8 @@ def findings(comps: Mapping[str, Sequence[Mapping[str, Any]]],
              systems: Sequence[Mapping[str, Any]]) -> list[str]:
     """The answer in a few plain sentences: the pooled primary endpoints, per dataset where
     J*'s gain sits (seen/unseen, against the doc prior), the no-label rows against
-    zero-shot, and the cross-fitted rows."""
+    zero-shot, and the cross-fitted rows (pooled, per dataset with their seen/unseen
+    split)."""
     idx = _index(comps)
     refs = {(r["dataset"], r["system"]): r["test"] for r in systems if r["kind"] == "reference"}
     out = [f"Primary, {where(r)}: {r['comparison']}: {_short(r)}."
@@ -246,9 +251,14 @@ def findings(comps: Mapping[str, Sequence[Mapping[str, Any]]],
             unseen = idx.get((r["dataset"], r["comparison"], "unseen", None))
             out.append(f"{r['comparison']} on {r['dataset']}: {_short(r)}"
                        + (f" (unseen queries: {_short(unseen)})" if unseen else "") + ".")
+    out += [f"Cross-fitted, {where(r)}: {r['comparison']}: {_short(r)}."
+            for r in comps.get("crossfit_pooled", [])]
     for r in comps.get("crossfit", []):
+        split = [idx.get((r["dataset"], r["comparison"], s, None)) for s in ("seen", "unseen")]
         out.append(f"Cross-fitted ({r['dataset']}, {r['n_queries']} train ∪ test queries): "
-                   f"{r['comparison']}: {_short(r)}.")
+                   f"{r['comparison']}: {_short(r)}" + "".join(
+                       f"; on its {x['n_queries']} {x['subset']} queries {_short(x)}"
+                       for x in split if x) + ".")
     return out
 
 
@@ -263,11 +273,12 @@ def _design(result: Mapping[str, Any]) -> list[str]:
                      "scoring A / B", "pairing", "on", "queries", "pooled over datasets"],
                     [[p["comparison"], p["family"], p["a"], p["b"], p["a_units"],
                       p["b_units"], p["scoring"], "paired" if p["paired"] else "independent",
-                      p["on"], ", ".join(p["subsets"]), "yes" if p["pooled"] else "no"]
+                      p["on"], ", ".join(p["subsets"]), p["pooled"] or "no"]
                      for p in result.get("plan", [])])
     settings = result.get("settings", {})
     lines += [f"Families (Holm within each; a comparison on seen/unseen queries is in "
-              f"'subsets'; verdicts follow the Bonferroni-adjusted interval and the TOST at "
+              f"'subsets', or 'crossfit_subsets' on cross-fitted queries; verdicts follow "
+              f"the Bonferroni-adjusted interval and the TOST at "
               f"±{settings.get('margin_points', 1.0):g} point):", ""]
     lines += [f"- {k}: {v}" for k, v in result.get("families", {}).items()] + [""]
     return lines
@@ -330,6 +341,22 @@ def _systems_test(result: Mapping[str, Any]) -> list[str]:
                       "predictor-scored", "transfer"], rows))
 
 
+def _crossfit_test(result: Mapping[str, Any]) -> list[str]:
+    rows = [[r["dataset"], r["system"], len(r["seeds"]) or "-", _subset(r["test"], "all"),
+             _f(r["test"]["all"]["seed_std"]) if r["seeds"] else "-",
+             _subset(r["test"], "seen"), _subset(r["test"], "unseen")]
+            for r in result.get("crossfit_systems") or []]
+    if not rows:
+        return []
+    return (["### Systems and references on cross-fitted queries (nDCG@10)", "",
+             "Every train ∪ test query (dev apart) scored by the fold model that did not train "
+             "on it; mean over seeds, their sd; seen/unseen against the fold's training "
+             "queries; the reference rows on the same queries (the doc prior from each fold's "
+             "training positives). Not BEIR test figures.", ""]
+            + _table(["dataset", "system", "seeds", "all (n)", "seed sd", "seen (n)",
+                      "unseen (n)"], rows))
+
+
 def _search_test(result: Mapping[str, Any]) -> list[str]:
     groups = result.get("searches") or []
     if not groups:
@@ -389,7 +416,8 @@ def _verdicts_and_findings(result: Mapping[str, Any]) -> list[str]:
 def markdown(result: Mapping[str, Any]) -> str:
     """The answer as Markdown: design, search spread and dev figures, then the test section."""
     lines = (_design(result) + _search_dev(result) + _dev_figures(result) + [TEST_HEADING, ""]
-             + _systems_test(result) + _search_test(result) + _comparisons(result)
+             + _systems_test(result) + _search_test(result) + _crossfit_test(result)
+             + _comparisons(result)
              + _verdicts_and_findings(result))
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -16,9 +16,11 @@ Per dataset (``docs/answer.md`` gives the design and the measured answer):
    the other datasets' test splits zero-shot (transfer). Reference rows: zero-shot, BM25,
    the document prior, all on all/seen/unseen test queries.
 5. **Cross-fitted evaluation** (``--crossfit K``): K folds over the train and test queries
-   (dev fixed for selection; queries of equal text in one fold); J* and C* (and C+pred)
-   trained on the other folds score each held-out fold, so every query is scored by a model
-   that never trained on it: its own table, apart from the BEIR test figures.
+   (dev fixed for selection; queries of equal text in one fold); J*, C* and C+pred trained
+   on the other folds, at every fresh seed, score each held-out fold, so every query is
+   scored by a model that never trained on it; the reference rows and the seen/unseen split
+   come from each fold's own training queries: its own tables, apart from the BEIR test
+   figures, with its primary comparisons pooled over datasets.
 6. The statistics (``analysis.answer``): pre-registered families, paired resampling where
    runs share seeds, Holm within a family, TOST at ±1 point, the pooled primary endpoint.
 
@@ -205,15 +207,26 @@ def _answer(opts: AnswerOptions) -> dict[str, Any]:
                 jobs.append((ds, system, search, seed, run_cfg,
                              root / ds / "runs" / f"{system}-s{search}" / f"seed_{seed}"))
     # -- 5. the cross-fitted evaluation
+    folds: dict[str, list[Path]] = {}
     if opts.crossfit:
         for data_dir, ds in zip(data_dirs, names):
-            jobs += _crossfit_jobs(root / ds / "crossfit", data_dir, chosen[ds], opts)
+            where = root / ds / "crossfit"
+            folds[ds] = crossfit_folds(data_dir, _best(chosen[ds]["jepa"])["config"],
+                                       opts.crossfit, where)
+            jobs += _crossfit_jobs(where, folds[ds], chosen[ds], opts)
+    jobs = _share_identical(jobs)
     results = _retrain(jobs, opts, timer)
     t0 = time.time()
     references = {ds: _references(d, _best(chosen[ds]["jepa"])["config"])
                   for d, ds in zip(data_dirs, names)}
     timer.add("reference rows (zero-shot, BM25, doc prior)", t0)
-    measured = _measured(names, jobs, results, references, chosen, opts)
+    crossfit_refs = {}
+    if folds:
+        t0 = time.time()
+        crossfit_refs = {ds: _crossfit_references(paths, _best(chosen[ds]["jepa"])["config"])
+                         for ds, paths in folds.items()}
+        timer.add("cross-fitted reference rows", t0)
+    measured = _measured(names, jobs, results, references, crossfit_refs, chosen, opts)
     return _write(root, measured, uri, opts, jobs, results, timer.s, started)
 
 
@@ -293,23 +306,38 @@ def _patience(cfg) -> int | None:
 
 # -- 5. cross-fitting --------------------------------------------------------------------------
 
-def _crossfit_jobs(where: Path, data_dir: Path, arms: dict[str, list[dict[str, Any]]],
+def _crossfit_jobs(where: Path, folds: list[Path], arms: dict[str, list[dict[str, Any]]],
                    opts: AnswerOptions) -> list[tuple]:
-    """One run per fold of J*, C* and C+pred (the first fresh seed), each on a BEIR directory
-    whose test split is the fold (``crossfit_folds``)."""
-    folds = crossfit_folds(data_dir, _best(arms["jepa"])["config"], opts.crossfit, where)
+    """One run per fold and fresh seed of J*, C* and C+pred, each on a BEIR directory whose
+    test split is the fold (``crossfit_folds``): a claim on cross-fitted queries rests on
+    seeds as on the BEIR split, and C+pred shares C*'s seeds (paired)."""
     jobs = []
-    seed = opts.seeds[0]
     chosen = {"jepa": _best(arms["jepa"]), "contrastive": _best(arms["contrastive"]),
               "c_pred": arms["c_pred"][0]}
     for system, search in chosen.items():
-        for k, fold_dir in enumerate(folds):
-            cfg = retrain_config(search["config"], seed, search["patience"], [],
-                                 name=f"crossfit-{system}-fold{k}").with_overrides(
-                {"data.path": str(fold_dir)}, "crossfit")
-            jobs.append((where.parent.name, f"crossfit:{system}", k, seed, cfg,
-                         where / "runs" / system / f"fold_{k}"))
+        for seed in opts.seeds:
+            for k, fold_dir in enumerate(folds):
+                cfg = retrain_config(search["config"], seed, search["patience"], [],
+                                     name=f"crossfit-{system}-seed{seed}-fold{k}"
+                                     ).with_overrides({"data.path": str(fold_dir)}, "crossfit")
+                jobs.append((where.parent.name, f"crossfit:{system}", k, seed, cfg,
+                             where / "runs" / system / f"seed_{seed}" / f"fold_{k}"))
     return jobs
+
+
+def _crossfit_references(folds: list[Path], cfg) -> dict[str, Any]:
+    """The reference rows on the cross-fitted queries: each fold's test queries scored as
+    its runs' are (zero-shot, BM25, the doc prior counting that fold's training positives),
+    and the queries seen by that fold's training split; the folds' figures joined."""
+    per_query: dict[str, dict[str, float]] = {}
+    subsets: dict[str, list[str]] = {}
+    for fold in folds:
+        rows = _references(fold, cfg)
+        for name, values in rows["per_query"].items():
+            per_query.setdefault(name, {}).update(values)
+        for name, ids in rows["subsets"]["test"].items():
+            subsets.setdefault(name, []).extend(ids)
+    return {"per_query": per_query, "subsets": {"test": subsets}}
 
 
 def crossfit_folds(data_dir: Path, cfg, k: int, where: Path) -> list[Path]:
@@ -359,25 +387,41 @@ def crossfit_folds(data_dir: Path, cfg, k: int, where: Path) -> list[Path]:
 
 # -- 4. the retrained runs ---------------------------------------------------------------------
 
+def _share_identical(jobs: list[tuple]) -> list[tuple]:
+    """Jobs whose training is identical (the same config and seed, its name and provenance
+    aside: two searches that ended on the same config, say) share the first one's run: its
+    config and directory. Each job keeps its own system, search and seed in the tables."""
+    first: dict[str, tuple] = {}
+    out = []
+    for *label, cfg, run_dir in jobs:
+        key = json.dumps(cfg.model_dump(mode="json", exclude={"name", "provenance"}),
+                         sort_keys=True)
+        cfg, run_dir = first.setdefault(key, (cfg, run_dir))
+        out.append((*label, cfg, run_dir))
+    return out
+
+
 def _retrain(jobs: list[tuple], opts: AnswerOptions, timer: _Timer) -> list[dict[str, Any]]:
-    """Trains every job (Ray tasks, one CPU each), reusing runs already finished; returns
-    every job's summary. The time spent training is added to ``timer`` also when the
-    invocation is interrupted (its finished runs are kept and reused by the next one)."""
+    """Trains every job (Ray tasks, one CPU each), once per run directory (jobs that share
+    one, :func:`_share_identical`, train once), reusing runs already finished; returns every
+    job's summary. The time spent training is added to ``timer`` also when the invocation is
+    interrupted (its finished runs are kept and reused by the next one)."""
     import ray
 
-    results: list[dict[str, Any] | None] = [_finished(cfg, out) for *_, cfg, out in jobs]
-    todo = [i for i, r in enumerate(results) if r is None]
+    unique = {str(out): (cfg, out) for *_, cfg, out in jobs}
+    done = {key: _finished(cfg, out) for key, (cfg, out) in unique.items()}
+    todo = [key for key, r in done.items() if r is None]
     if todo:
         t0 = time.time()
         _ray_session(opts)
         try:
             task = ray.remote(num_cpus=1, max_retries=2)(_train_one)
-            refs = {i: task.remote(jobs[i][-2].to_dict(), str(jobs[i][-1])) for i in todo}
-            for i, ref in refs.items():
-                results[i] = ray.get(ref)
+            refs = {key: task.remote(unique[key][0].to_dict(), key) for key in todo}
+            for key, ref in refs.items():
+                done[key] = ray.get(ref)
         finally:
             timer.add("retrained runs", t0)
-    return results  # type: ignore[return-value]
+    return [done[str(out)] for *_, out in jobs]  # type: ignore[misc]
 
 
 def _train_one(cfg_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -420,7 +464,7 @@ def _references(data_dir: Path, cfg) -> dict[str, Any]:
 
 # -- 3. the table ------------------------------------------------------------------------------
 
-def _measured(names, jobs, results, references, chosen, opts):
+def _measured(names, jobs, results, references, crossfit_refs, chosen, opts):
     from analysis.answer import (Measured, Run, Search, System, describe_budget,
                                  describe_config)
 
@@ -469,13 +513,25 @@ def _measured(names, jobs, results, references, chosen, opts):
                 f"the {opts.nolabel_space} space's arms, trained on pairs made from the corpus "
                 f"alone, {arms['nolabel_jepa'][0]['trials']} trials each, selected on the "
                 f"labelled dev split ({_dev_queries(arms['nolabel_jepa'][0])} queries)")
+        cross = crossfit_refs.get(ds) or {"per_query": {}, "subsets": {"test": {}}}
         if opts.crossfit:
-            design["cross-fitted"] = (f"{opts.crossfit} folds over train and test queries "
-                                      f"(dev fixed), J*, C* and C+pred, seed {opts.seeds[0]}")
+            design["cross-fitted"] = (
+                f"{opts.crossfit} folds over train and test queries (dev fixed), J*, C* and "
+                f"C+pred at seeds {list(opts.seeds)}: {len(cross['per_query'].get('zero_shot', {}))}"
+                f" queries, {len(cross['subsets']['test'].get('seen', []))} of them seen by "
+                f"their fold's training queries")
+        shared = sorted({f"{system}-s{search}" for (d, system, search, _, _, out) in jobs
+                         if d == ds and not system.startswith("crossfit:")
+                         and not out.parent.name == f"{system}-s{search}"})
+        if shared:
+            design["runs shared"] = (f"{', '.join(shared)}: the same config as an earlier "
+                                     "system's (trained once, its runs reused)")
         ref = references[ds]
         measured.append(Measured(dataset=ds, systems=found, references=ref["per_query"],
                                  subsets=ref["subsets"]["test"], design=design,
-                                 searches=searches, crossfit=crossfit or None))
+                                 searches=searches, crossfit=crossfit or None,
+                                 crossfit_references=cross["per_query"],
+                                 crossfit_subsets=cross["subsets"]["test"]))
     return measured
 
 
@@ -564,7 +620,7 @@ def _log_mlflow(uri: str, name: str, paths: dict[str, Path], jobs, results,
         if run.status == S.STATUS_FINISHED:
             continue
         params = {S.PARAM_DATASET: ds, S.PARAM_SYSTEM: system, S.PARAM_SEED: seed,
-                  "search": search,
+                  "search": search, "run_dir": str(out_dir),
                   S.PARAM_SCORE_WITH: cfg.eval.score_with,
                   **flatten(cfg.model_dump(mode="json", exclude={"provenance"}))}
         tracker.fill(run, params, {}, {S.ARTIFACT_CONFIG: cfg.to_yaml()})

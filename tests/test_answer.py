@@ -153,6 +153,29 @@ def test_crossfit_folds_cover_every_query_once_and_keep_dev_apart(tmp_path, scif
     assert 0.2 < len(tests[0]) / len(pool) < 0.3
 
 
+def test_identical_trainings_share_one_run(tmp_path):
+    """Two searches that ended on one config train it once per seed; each job keeps its
+    own system, search and seed, and a different config or seed is never shared."""
+    from study.answer import _share_identical
+
+    base = RunConfig()
+    other = base.with_overrides({"loss.lambda_pred": 0.5}, "test")
+    jobs = []
+    for search, cfg in ((0, base), (1, base), (2, other)):
+        for seed in (1, 2):
+            cfg_s = retrain_config(cfg.with_overrides(
+                {"provenance": {"trial_id": f"t{search}"}}, "test"), seed, 4, [],
+                name=f"jepa-s{search}-seed{seed}")
+            jobs.append(("ds", "jepa", search, seed, cfg_s,
+                         tmp_path / f"jepa-s{search}" / f"seed_{seed}"))
+    shared = _share_identical(jobs)
+    assert [j[:4] for j in shared] == [j[:4] for j in jobs]
+    dirs = [j[-1].relative_to(tmp_path).as_posix() for j in shared]
+    assert dirs == ["jepa-s0/seed_1", "jepa-s0/seed_2", "jepa-s0/seed_1", "jepa-s0/seed_2",
+                    "jepa-s2/seed_1", "jepa-s2/seed_2"]
+    assert shared[2][-2] is jobs[0][-2] and shared[4][-2] is jobs[4][-2]
+
+
 def test_answer_options_refuse_search_seed_and_too_few_seeds():
     with pytest.raises(StudyError, match="search seed"):
         AnswerOptions(data=["x"], seeds=[0, 1])
@@ -247,14 +270,31 @@ def test_answer_end_to_end_and_resumable(tmp_path, small_scifact, small_beir):
     c_pred = RunConfig.from_yaml(root / "sfsmall" / "runs" / "c_pred-s0" / "seed_1" /
                                  "config.yaml")
     assert c_pred.loss.lambda_pred > 0
-    # the cross-fitted runs: two folds of each of J*, C*, C+pred on every dataset
+    # the cross-fitted runs: two folds of each of J*, C*, C+pred at every seed, each dataset
     for system in ("jepa", "contrastive", "c_pred"):
-        folds = [json.loads((root / "sfsmall" / "crossfit" / "runs" / system / f"fold_{k}" /
-                             "metrics.json").read_text()) for k in (0, 1)]
-        scored = [set(f["test_per_query"]["query"]) for f in folds]
-        assert not scored[0] & scored[1] and len(scored[0] | scored[1]) > 40
+        for seed in (1, 2):
+            where = root / "sfsmall" / "crossfit" / "runs" / system / f"seed_{seed}"
+            folds = [json.loads((where / f"fold_{k}" / "metrics.json").read_text())
+                     for k in (0, 1)]
+            assert [RunConfig.from_yaml(where / f"fold_{k}" / "config.yaml").train.seed
+                    for k in (0, 1)] == [seed, seed]
+            scored = [set(f["test_per_query"]["query"]) for f in folds]
+            assert not scored[0] & scored[1] and len(scored[0] | scored[1]) > 40
     comps = result["comparisons"]
-    assert {"primary", "diagnostic", "subsets", "no_labels", "crossfit"} <= set(comps)
+    assert {"primary", "diagnostic", "subsets", "no_labels", "crossfit_pooled", "crossfit",
+            "crossfit_subsets"} <= set(comps)
+    pooled_cf = {r["comparison"]: r for r in comps["crossfit_pooled"]}
+    assert set(pooled_cf) == {"J* vs C* (cross-fitted)", "C+pred vs C* (cross-fitted)"}
+    assert pooled_cf["J* vs C* (cross-fitted)"]["datasets"] == ["sfsmall", "nfsmall"]
+    assert pooled_cf["J* vs C* (cross-fitted)"]["n_seeds_a"] == 2
+    # the reference rows and seen/unseen split on the cross-fitted queries, per fold
+    cf_rows = {(r["dataset"], r["system"]): r["test"] for r in result["crossfit_systems"]}
+    zs = cf_rows[("sfsmall", "zero_shot")]
+    assert zs["all"]["n"] == cf_rows[("sfsmall", "jepa")]["all"]["n"] == len(
+        scored[0] | scored[1])
+    assert zs["seen"]["n"] + zs["unseen"]["n"] == zs["all"]["n"]
+    assert {r["comparison"] for r in comps["crossfit_subsets"]} >= {
+        "J* vs zero-shot (cross-fitted)", "J* vs doc prior (cross-fitted)"}
     primary = {r["comparison"] for r in comps["primary"]}
     assert {"J vs tuned contrastive", "C+pred vs C"} <= primary
     assert any(r["on"] == "transfer" for r in comps["diagnostic"])
@@ -271,8 +311,10 @@ def test_answer_end_to_end_and_resumable(tmp_path, small_scifact, small_beir):
     exp = client.get_experiment_by_name(S.experiment_name("answer"))
     children = client.search_runs([exp.experiment_id],
                                   f"tags.`{S.TAG_ROLE}` = '{S.ROLE_RETRAIN}'", max_results=500)
-    n_runs = len(list((root).glob("*/runs/*/seed_*"))) + len(list(
-        root.glob("*/crossfit/runs/*/fold_*")))
+    # one child per job (jobs of identical training share a run directory, not a child)
+    n_runs = sum(r["runs"] for r in result["systems"] if r["kind"] == "trained") + 2 * 3 * 2 * 2
+    assert len(list(root.glob("*/runs/*/seed_*"))) + len(list(
+        root.glob("*/crossfit/runs/*/seed_*/fold_*"))) <= n_runs
     assert len(children) == n_runs
     assert S.ARTIFACT_PER_QUERY in [a.path for a in client.list_artifacts(
         children[0].info.run_id)]

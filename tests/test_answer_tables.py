@@ -100,12 +100,19 @@ def _world(name: str = "toy", n: int = 80, rng_seed: int = 0, drop: tuple[str, .
                 + [Search("contrastive", i, i, 8, f"c{i}", 0.79 + 0.01 * i, 4, "query",
                           f"config c{i}") for i in range(2)]
                 + [Search("c_pred", 0, 0, 4, "p0", 0.81, 4, "query", "config p0")])
-    cf = None
-    if crossfit:
-        pool = {q: float(rng.uniform(0.2, 0.7)) for q in _qids("cf", 60)}
-        cf = {"jepa": {"1": noisy(pool, 0.02)}, "contrastive": {"1": noisy(pool)},
-              "c_pred": {"1": noisy(pool, 0.01)}}
-    return _measured(name, systems, zs, seen, searches=searches, crossfit=cf,
+    cf, cf_kw = None, {}
+    if crossfit:  # J* +0.02, and +0.04 more on the seen half; C+pred = C* + 0.01 per seed
+        pool = {q: float(rng.uniform(0.2, 0.7)) for q in _qids(f"{name}-cf", 60)}
+        cf_seen = set(sorted(pool)[:30])
+        c_cf = {s: noisy(pool) for s in ("1", "2")}
+        cf = {"jepa": {s: noisy(_add(pool, 0.04, cf_seen), 0.02) for s in ("1", "2")},
+              "contrastive": c_cf, "c_pred": {s: noisy(v, 0.01) for s, v in c_cf.items()}}
+        cf_kw = {"crossfit_references": {"zero_shot": _add(pool, -0.01),
+                                         "bm25": _add(pool, -0.02),
+                                         "doc_prior": _add(pool, 0.03, cf_seen)},
+                 "crossfit_subsets": {"seen": sorted(cf_seen),
+                                      "unseen": sorted(set(pool) - cf_seen)}}
+    return _measured(name, systems, zs, seen, searches=searches, crossfit=cf, **cf_kw,
                      design={"space": "toy", "best_search": {"jepa": 1, "contrastive": 1,
                                                              "c_pred": 0}})
 
@@ -289,6 +296,33 @@ def test_pooled_endpoint_is_the_mean_of_per_dataset_differences():
     assert result["findings"][0].startswith("Primary, pooled over a, b: J vs tuned contrastive")
 
 
+def test_crossfit_endpoints_pooled_in_a_family_of_their_own():
+    worlds = [_world("a", rng_seed=5, crossfit=True), _world("b", rng_seed=6, crossfit=True)]
+    for per_seed in worlds[1].crossfit["jepa"].values():  # b's J* gains 0.02 more
+        per_seed.update(_add(per_seed, 0.02))
+    result = answer_dict(worlds, **KW)
+    pooled = {(p["family"], p["comparison"]): p for p in result["pooled"]}
+    assert set(pooled) == {("primary", "J vs tuned contrastive"), ("primary", "C+pred vs C"),
+                           ("crossfit_pooled", "J* vs C* (cross-fitted)"),
+                           ("crossfit_pooled", "C+pred vs C* (cross-fitted)")}
+    jc = pooled[("crossfit_pooled", "J* vs C* (cross-fitted)")]
+    per = [r["diff_points"] for r in jc["per_dataset"]]
+    assert [r["dataset"] for r in jc["per_dataset"]] == ["a", "b"]
+    assert [r["subset"] for r in jc["per_dataset"]] == ["all", "all"]
+    assert per == pytest.approx([4.0, 6.0], abs=0.1)
+    assert jc["pooled"]["diff_points"] == pytest.approx(np.mean(per))
+    assert jc["pooled"]["n_queries"] == 120 and jc["pooled"]["family_size"] == 2
+    # pooling over two datasets narrows the interval below either dataset's
+    width = jc["pooled"]["ci_high_points"] - jc["pooled"]["ci_low_points"]
+    assert all(width < r["ci_high_points"] - r["ci_low_points"] for r in jc["per_dataset"])
+    assert pooled[("crossfit_pooled", "C+pred vs C* (cross-fitted)")]["pooled"]["paired"]
+    assert any(f.startswith("Cross-fitted, pooled over a, b: J* vs C* (cross-fitted)")
+               for f in result["findings"])
+    plan = {p["comparison"]: p for p in result["plan"]}
+    assert plan["J* vs C* (cross-fitted)"]["pooled"] == "crossfit_pooled"
+    assert plan["J* vs doc prior (cross-fitted)"]["family"] == "crossfit_subsets"
+
+
 def test_families_and_holm_within_each():
     result = answer_dict([_world(crossfit=True)], **KW)
     comps = result["comparisons"]
@@ -305,6 +339,8 @@ def test_families_and_holm_within_each():
     assert len(names["subsets"]) == 16  # 2 primary + 3 vs references + 3 no-label, x2
     assert {s for _, s, _ in names["subsets"]} == {"seen", "unseen"}
     assert len(names["no_labels"]) == 3 and len(names["crossfit"]) == 2
+    assert names["crossfit_pooled"] == names["crossfit"]
+    assert len(names["crossfit_subsets"]) == 10  # 2 primary + 3 vs references, x2
     for family, rows in comps.items():
         m = len(rows)
         assert all(r["family"] == family and r["family_size"] == m for r in rows)
@@ -362,13 +398,37 @@ def test_crossfit_table_only_when_given():
     result = answer_dict([_world(crossfit=True)], **KW)
     rows = _rows(result, "crossfit")
     jc, pc = rows["toy: J* vs C* (cross-fitted)"], rows["toy: C+pred vs C* (cross-fitted)"]
-    assert jc["n_queries"] == 60 and jc["n_seeds_a"] == 1 and not jc["paired"]
-    assert jc["diff_points"] == pytest.approx(2.0, abs=0.1)
-    assert pc["paired"] and pc["diff_points"] == pytest.approx(1.0, abs=0.1)
-    assert any(f.startswith("Cross-fitted (toy, 60 train ∪ test queries)")
-               for f in result["findings"])
+    assert jc["n_queries"] == 60 and jc["n_seeds_a"] == 2 and not jc["paired"]
+    assert jc["diff_points"] == pytest.approx(4.0, abs=0.1)
+    assert pc["paired"] and pc["n_seeds_a"] == 2
+    assert pc["diff_points"] == pytest.approx(1.0, abs=0.1)
+    subsets = _rows(result, "crossfit_subsets")
+    assert subsets["toy: J* vs C* (cross-fitted) [seen]"]["diff_points"] == pytest.approx(
+        6.0, abs=0.1)
+    assert subsets["toy: J* vs C* (cross-fitted) [unseen]"]["diff_points"] == pytest.approx(
+        2.0, abs=0.1)
+    assert subsets["toy: J* vs C* (cross-fitted) [unseen]"]["n_queries"] == 30
+    # the reference rows are the cross-fitted ones, not the BEIR test split's
+    assert subsets["toy: J* vs zero-shot (cross-fitted) [unseen]"]["diff_points"] == \
+        pytest.approx(3.0, abs=0.1)
+    assert subsets["toy: J* vs doc prior (cross-fitted) [seen]"]["diff_points"] == \
+        pytest.approx(3.0, abs=0.1)
+    assert subsets["toy: J* vs doc prior (cross-fitted) [unseen]"]["n_queries"] == 30
+    assert not any("cross-fitted" in k for k in _rows(result, "subsets"))
+    table = {r["system"]: r["test"] for r in result["crossfit_systems"]}
+    assert set(table) == {"jepa", "contrastive", "c_pred", "zero_shot", "bm25", "doc_prior"}
+    assert table["jepa"]["seen"]["mean"] - table["contrastive"]["seen"]["mean"] == \
+        pytest.approx(0.06, abs=0.002)
+    assert table["jepa"]["all"]["n"] == 60 and table["jepa"]["unseen"]["n"] == 30
+    assert table["doc_prior"]["seen"]["mean"] - table["zero_shot"]["seen"]["mean"] == \
+        pytest.approx(0.04)
+    assert any(f.startswith("Cross-fitted (toy, 60 train ∪ test queries): J* vs C*")
+               and "on its 30 seen queries" in f for f in result["findings"])
+    assert "### Systems and references on cross-fitted queries" in markdown(result)
     plain = answer_dict([_world()], **KW)
-    assert plain["comparisons"]["crossfit"] == []
+    assert plain["comparisons"]["crossfit"] == plain["comparisons"]["crossfit_pooled"] == []
+    assert plain["crossfit_systems"] == []
+    assert "### Systems and references on cross-fitted queries" not in markdown(plain)
     assert not any("cross-fitted" in n for n in plain["design"]["toy"].get("skipped", []))
 
 
@@ -397,10 +457,12 @@ def test_markdown_puts_every_test_table_after_the_test_heading():
     text = markdown(result)
     order = ["## Design", "### Pre-registered comparisons", "## Search spread (dev)",
              "## Dev figures", TEST_HEADING, "### Systems and references",
-             "### Search spread on test", "### Primary endpoints, pooled",
+             "### Search spread on test", "### Systems and references on cross-fitted",
+             "### Primary endpoints, pooled",
              "### Primary comparisons per dataset", "### Diagnostic comparisons",
              "### Seen and unseen test queries", "### Without labels",
-             "### Cross-fitted queries", "### Verdicts", "### Findings"]
+             "### Cross-fitted primary endpoints", "### Cross-fitted queries",
+             "### Seen and unseen cross-fitted queries", "### Verdicts", "### Findings"]
     at = [text.index(h) for h in order]
     assert at == sorted(at)
     assert text.count("## Test figures") == 1
@@ -429,4 +491,4 @@ def test_json_round_trips_through_dumps():
     c_pred = next(r for r in back["systems"] if r["system"] == "c_pred")
     assert c_pred["test"]["all"]["search_std"] is None  # NaN written as null
     assert set(back) == {"design", "plan", "families", "settings", "searches", "systems",
-                         "comparisons", "pooled", "verdicts", "findings"}
+                         "crossfit_systems", "comparisons", "pooled", "verdicts", "findings"}
