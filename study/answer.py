@@ -515,11 +515,12 @@ def _measured(names, jobs, results, references, crossfit_refs, chosen, opts):
                 f"labelled dev split ({_dev_queries(arms['nolabel_jepa'][0])} queries)")
         cross = crossfit_refs.get(ds) or {"per_query": {}, "subsets": {"test": {}}}
         if opts.crossfit:
+            n_seen = len(cross["subsets"]["test"].get("seen", []))
             design["cross-fitted"] = (
                 f"{opts.crossfit} folds over train and test queries (dev fixed), J*, C* and "
-                f"C+pred at seeds {list(opts.seeds)}: {len(cross['per_query'].get('zero_shot', {}))}"
-                f" queries, {len(cross['subsets']['test'].get('seen', []))} of them seen by "
-                f"their fold's training queries")
+                f"C+pred at seeds {list(opts.seeds)}: "
+                f"{len(cross['per_query'].get('zero_shot', {}))} queries, {n_seen} of them "
+                f"seen by their fold's training queries")
         shared = sorted({f"{system}-s{search}" for (d, system, search, _, _, out) in jobs
                          if d == ds and not system.startswith("crossfit:")
                          and not out.parent.name == f"{system}-s{search}"})
