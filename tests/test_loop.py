@@ -142,6 +142,41 @@ def JEPAInit(cfg, dim):
     return JEPAModel(cfg.model, base_dim=dim).state_dict()
 
 
+def test_without_lambda_pred_training_never_runs_the_predictor(
+        tmp_path, monkeypatch, scifact_dir, scifact, scifact_features):
+    """λ_pred = 0: the steps skip both predictors (their output enters no loss term), and
+    the run is the one it was when they ran (no dropout in them: the same random stream);
+    with λ_pred > 0 they run at every step."""
+    from trainables import model as model_module
+
+    calls: list[int] = []
+    real = model_module.Predictor.forward
+
+    def counted(self, x):
+        if self.training:
+            calls.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(model_module.Predictor, "forward", counted)
+    cfg = _cfg(scifact_dir, **{"loss.lambda_pred": 0.0, "model.variant": "bidirectional",
+                               "model.predictor.dropout": 0.0, "train.epochs": 2,
+                               "train.max_steps_per_epoch": 4})
+    kw = {"data": scifact, "features": scifact_features, "progress": False}
+    skipped = train(cfg, out_dir=tmp_path / "skipped", **kw)
+    assert calls == []
+    forward = JEPAModel.forward
+    monkeypatch.setattr(JEPAModel, "forward", lambda self, q, d, negatives=None,
+                        predict=True: forward(self, q, d, negatives, predict=True))
+    ran = train(cfg, out_dir=tmp_path / "ran", **kw)
+    assert len(calls) == 2 * 2 * 4  # both predictors, every step of both epochs
+    assert [h["train_loss"] for h in skipped["history"]] == [h["train_loss"]
+                                                            for h in ran["history"]]
+    assert skipped["test"] == ran["test"]
+    calls.clear()
+    train(cfg.with_overrides({"loss.lambda_pred": 0.5}), out_dir=tmp_path / "pred", **kw)
+    assert len(calls) == 2 * 2 * 4
+
+
 def test_divergence_raises_with_reason(tmp_path, scifact_dir, scifact, scifact_features):
     cfg = _cfg(scifact_dir, **{"train.lr": 1e6, "train.grad_clip": 0.0, "train.epochs": 3,
                                "loss.lambda_reg": 1.0, "loss.lambda_con": 0.0,

@@ -436,6 +436,13 @@ def test_jepa_skips_zero_lambda_terms() -> None:
     total, parts = loss(x["q"], x["d"], x["pred_d"])
     assert parts["con"].item() == parts["iso"].item() == parts["reg"].item() == 0.0
     assert total.item() == pytest.approx(parts["pred"].item())
+    # without λ_pred the predictor's output may be absent (its forward was skipped) ...
+    off = JEPALoss(LossConfig(lambda_pred=0.0, lambda_con=1.0))
+    total, parts = off(x["q"], x["d"], None)
+    assert parts["pred"].item() == 0.0 and total.item() == pytest.approx(parts["con"].item())
+    # ... and with it, its absence is a named error, not a silent zero
+    with pytest.raises(ValueError, match="pred_d"):
+        loss(x["q"], x["d"], None)
 
 
 @pytest.mark.parametrize("stopgrad", [True, False])

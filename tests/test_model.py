@@ -60,6 +60,10 @@ def test_variants_share_or_split_parameters():
     assert set(out) == {"q", "d", "pred_d", "pred_q", "neg"}
     assert all(v.shape == (5, D) for v in out.values())
     assert "pred_q" not in shared(feats_q, feats_d)
+    bidi.eval()
+    plain = bidi(feats_q, feats_d, predict=False)  # a phase whose λ_pred is 0
+    assert set(plain) == {"q", "d"}
+    assert torch.equal(plain["q"], out["q"]) and torch.equal(plain["d"], out["d"])
 
 
 def test_cached_model_refuses_texts():

@@ -732,8 +732,10 @@ def _train_epoch(net, model, criterion, optimizer, scheduler, batches, items, re
             neg_inputs = batches.docs(neg_ids)
         # Step 1. Forward
         with torch.autocast(amp or "cpu", dtype=torch.bfloat16, enabled=amp is not None):
-            out = net(batches.queries(qids), batches.docs(dids), neg_inputs)
-        total, parts = criterion(out["q"].float(), out["d"].float(), out["pred_d"].float(),
+            out = net(batches.queries(qids), batches.docs(dids), neg_inputs,
+                      predict=criterion.cfg.lambda_pred > 0)
+        total, parts = criterion(out["q"].float(), out["d"].float(),
+                                 out["pred_d"].float() if "pred_d" in out else None,
                                  pred_q=out["pred_q"].float() if "pred_q" in out else None,
                                  hard_neg=out["neg"].float() if "neg" in out else None,
                                  doc_ids=dids, hard_neg_ids=neg_ids,

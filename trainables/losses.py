@@ -426,7 +426,7 @@ class JEPALoss(nn.Module):
         self,
         q: Tensor,
         d: Tensor,
-        pred_d: Tensor,
+        pred_d: Tensor | None,
         *,
         pred_q: Tensor | None = None,
         hard_neg: Tensor | None = None,
@@ -440,7 +440,8 @@ class JEPALoss(nn.Module):
         Args:
             q: ``[B, D]`` query embeddings.
             d: ``[B, D]`` positive document embeddings.
-            pred_d: ``[B, D]`` predictor output for ``d`` (from ``q``).
+            pred_d: ``[B, D]`` predictor output for ``d`` (from ``q``); None only where
+                ``lambda_pred`` is 0.
             pred_q: ``[B, D]`` reverse predictor output for ``q`` (bidirectional variant).
             hard_neg: ``[B, D]`` hard negative embeddings, one per query.
             doc_ids: ids of the positives (masks duplicate positives in the contrastive term).
@@ -456,6 +457,8 @@ class JEPALoss(nn.Module):
         cfg = self.cfg
         terms: dict[str, Tensor] = {}
         if cfg.lambda_pred > 0:
+            if pred_d is None:
+                raise ValueError("lambda_pred > 0 needs the predictor's output (pred_d)")
             terms["pred"] = self.pred_loss(pred_d, d, cfg.stopgrad)
             if pred_q is not None:
                 terms["pred"] = 0.5 * (terms["pred"] + self.pred_loss(pred_q, q, cfg.stopgrad))

@@ -183,17 +183,22 @@ class JEPAModel(nn.Module):
         """Predicted positive-document embedding for query embeddings ``z_q``."""
         return self.predictor(z_q)
 
-    def forward(self, queries: Inputs, docs: Inputs,
-                negatives: Inputs | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, queries: Inputs, docs: Inputs, negatives: Inputs | None = None,
+                predict: bool = True) -> dict[str, torch.Tensor]:
         """One training step's embeddings: q, d, pred_d (and pred_q, neg when they apply).
 
-        Everything goes through this one call so that DDP sees a single forward.
+        Everything goes through this one call so that DDP sees a single forward. Without
+        ``predict`` (a phase whose λ_pred is 0) the predictors are not run: their output
+        would enter no loss term, and with a 1,024-d bidirectional head they cost about a
+        third of a frozen-base step (``benchmarks/RESULTS.md``, section 10).
         """
         q = self.encode_queries(queries)
         d = self.encode_docs(docs)
-        out = {"q": q, "d": d, "pred_d": self.predictor(q)}
-        if self.predictor_dq is not None:
-            out["pred_q"] = self.predictor_dq(d)
+        out = {"q": q, "d": d}
+        if predict:
+            out["pred_d"] = self.predictor(q)
+            if self.predictor_dq is not None:
+                out["pred_q"] = self.predictor_dq(d)
         if negatives is not None:
             out["neg"] = self.encode_docs(negatives)
         return out
