@@ -17,6 +17,7 @@ from search_spaces.arms import (arm_space, predictor_space, retrain_config, sear
 from search_spaces.space import SpaceSpec, shipped_spaces
 from study.answer import AnswerOptions, StudyError, answer, command_line, crossfit_folds
 from trainables.config import RunConfig
+from trainables.loop import checkpoint_dirs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 NFCORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nfcorpus"
@@ -266,6 +267,7 @@ def test_answer_end_to_end_and_resumable(tmp_path, small_scifact, small_beir):
     assert set(metrics["transfer_per_query"]) == {"nfsmall"}
     assert "test_nfsmall_ndcg_at_10" in metrics["test"]
     assert metrics["test"]["test_n_seen"] + metrics["test"]["test_n_unseen"] == 40
+    assert not checkpoint_dirs(run) and (run / "best" / "model.pt").exists()
     # C+pred: C* with the predictor, trained on C*'s seeds (paired)
     c_pred = RunConfig.from_yaml(root / "sfsmall" / "runs" / "c_pred-s0" / "seed_1" /
                                  "config.yaml")
