@@ -124,7 +124,12 @@ class CheckpointGuard(Callback):
     - A trial deletes its loop's copy of a checkpoint once it is reported, but a trial that
       Tune ends inside the report (an ASHA or ``stop`` decision) never gets there. When a
       trial ends, this deletes the loop copies left under ``trials/<trial_id>/checkpoints``
-      (``study_dir`` given, and on the driver's filesystem); Tune's and Train's stay.
+      (``study_dir`` given, and on the driver's filesystem); Tune's and Train's stay. The
+      workers of a Train-mode trial Tune ended live on until their group is removed
+      (:class:`ReleaseTrainGroups`, listed before this callback) and can write one more copy
+      after the trial ended: when the study ends, every ended trial's loop copies are
+      deleted again, after the last groups are gone (a trial an interrupted study will
+      resume keeps its own).
     """
 
     def __init__(self, study_dir: str | Path | None = None) -> None:
@@ -143,6 +148,11 @@ class CheckpointGuard(Callback):
                           ignore_errors=True)
 
     on_trial_error = on_trial_complete
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                self.on_trial_complete(0, trials, trial)
 
 
 class ReleaseTrainGroups(Callback):

@@ -67,8 +67,8 @@ def make_tuner(study: Study, shared: dict[str, Any], resume: bool) -> tune.Tuner
             name=study.name, storage_path=str(study.dir / "ray"), verbose=o.verbose,
             stop=guard and CollapseStopper(str(study.dir), guard.metric,
                                            guard.min_effective_rank),
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), CheckpointGuard(study.dir),
-                       ReleaseTrainGroups(), MLflowTrialCallback(TrialWriter.of(study))],
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), ReleaseTrainGroups(),
+                       CheckpointGuard(study.dir), MLflowTrialCallback(TrialWriter.of(study))],
             failure_config=tune.FailureConfig(max_failures=o.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_TUNE_CHECKPOINTS),
             progress_reporter=progress_reporter(space)))
