@@ -538,8 +538,9 @@ def _by_search(runs: Sequence[Run]) -> dict[int, list[Run]]:
     return out
 
 
-def _subset_ids(m: Measured) -> dict[str, set[str] | None]:
-    return {"all": None, **{s: set(m.subsets[s]) for s in SUBSETS if s in m.subsets}}
+def _subset_ids(m: Measured, on: str = "test") -> dict[str, set[str] | None]:
+    subsets = m.queries(on)[1]
+    return {"all": None, **{s: set(subsets[s]) for s in SUBSETS if s in subsets}}
 
 
 def _system_row(m: Measured, s: System) -> dict[str, Any]:
@@ -607,8 +608,7 @@ def crossfit_rows(measured: Sequence[Measured]) -> list[dict[str, Any]]:
     for m in measured:
         if not m.crossfit:
             continue
-        ids = {"all": None, **{s: set(m.crossfit_subsets[s]) for s in SUBSETS
-                               if s in m.crossfit_subsets}}
+        ids = _subset_ids(m, "crossfit")
         found = [(n, "trained", m.crossfit[n]) for n in SYSTEMS if m.crossfit.get(n)]
         found += [(n, "reference", {"-": m.crossfit_references[n]}) for n in REFERENCES
                   if n in m.crossfit_references]
