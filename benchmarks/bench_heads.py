@@ -79,13 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses: dict[str, list[float]] = {k: [] for k in sides}
 
     def one(name: str, epoch: int) -> None:
-        side = sides[name]
-        net = forced if name == "run" else side.model
-        c = cfg.model_copy(update={"train": cfg.train.model_copy(
-            update={"max_steps_per_epoch": steps})})
-        parts, side.step = side.loop._train_epoch(
-            net, side.model, side.criterion, side.optimizer, side.scheduler, side.batches,
-            side.items(epoch), side.relevant, None, c, epoch, side.step, 0, 1, side.amp, False)
+        parts = sides[name].run(epoch, steps, net=forced if name == "run" else None)
         losses[name].append(parts["loss"])
 
     for name in sides:  # warm-up: one step each

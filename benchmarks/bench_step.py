@@ -90,13 +90,16 @@ class Ours:
         items, bs = self.items(epoch), self.cfg.train.batch_size
         return [items[i * bs:(i + 1) * bs] for i in range(steps)]
 
-    def run(self, epoch: int, steps: int) -> None:
+    def run(self, epoch: int, steps: int, net=None) -> dict[str, float]:
+        """``steps`` steps of ``epoch`` through ``net`` (default: the model itself); returns
+        the loop's mean loss parts."""
         cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(
             update={"max_steps_per_epoch": steps})})
-        _, self.step = self.loop._train_epoch(
-            self.model, self.model, self.criterion, self.optimizer, self.scheduler,
+        parts, self.step = self.loop._train_epoch(
+            net or self.model, self.model, self.criterion, self.optimizer, self.scheduler,
             self.batches, self.items(epoch), self.relevant, None, cfg, epoch, self.step, 0, 1,
             self.amp, False)
+        return parts
 
 
 class _StagedBatches:
