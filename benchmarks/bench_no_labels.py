@@ -16,6 +16,15 @@ seen and unseen queries, with the answer's statistics: L_pred alone vs zero-shot
 alone vs zero-shot (independent: one reference row), L_pred alone vs InfoNCE alone (paired
 by seed), one family per dataset (Holm, Bonferroni-adjusted intervals, TOST at ±1 point).
 
+Figure 13b, ``linear L_pred, exact``: what the best *linear* predictor those pairs define can
+do, with no optimiser in the way. On the frozen base features, ``W = argmin ||X W - Y||² +
+α ||W - I||²`` (X: the pseudo-queries, Y: their documents, both unit-normalised; the penalty
+pulls towards the identity, i.e. towards zero-shot) is L_pred's minimiser for a linear
+predictor, in closed form; a query is scored as ``(1 - t) q + t normalise(q W)``. α and t
+are chosen on the labelled dev split from a small grid (``RIDGE_ALPHAS`` x ``BLENDS``),
+test is reported for the chosen pair and for every pair (to show whether any would have
+helped). It is deterministic: no seeds, compared to zero-shot over queries.
+
 Usage: ``python -m benchmarks.bench_no_labels [--data DIR ...] [--seeds 1 2 3] [--quick]``.
 """
 
@@ -33,6 +42,73 @@ ARMS = {
     "InfoNCE alone": {"loss.lambda_pred": 0.0, "loss.lambda_con": 1.0,
                       "loss.contrastive": "infonce", "loss.temperature": 0.05},
 }
+#: figure 13b's grid: the pull towards the identity, and how much of the mapped query is used
+RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
+BLENDS = (0.5, 1.0)
+
+
+def ridge_to_identity(x, y, alpha: float):
+    """``argmin_W ||x W - y||² + alpha ||W - I||²``: ``(xᵀx + αI)⁻¹ (xᵀy + αI)``.
+
+    x and y are (n, d) arrays of paired rows; alpha > 0. alpha → ∞ gives the identity (no
+    change to a query), alpha → 0 the least-squares map.
+    """
+    import numpy as np
+
+    d = x.shape[1]
+    eye = np.eye(d, dtype=np.float64)
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return np.linalg.solve(x64.T @ x64 + alpha * eye, x64.T @ y64 + alpha * eye)
+
+
+def closed_form(base) -> dict:
+    """Figure 13b on ``base``'s data and corpus pairs: the exact linear L_pred predictor,
+    α and blend chosen on dev; per-query test nDCG@10 of the chosen one, and the grid."""
+    import numpy as np
+
+    from trainables.cache import load_or_compute
+    from trainables.data import load_beir, split_for
+    from trainables.evaluate import per_query_metrics
+    from trainables.loop import with_corpus_pairs
+
+    data = load_beir(base.data.path)
+    splits = split_for(data, base.data)
+    feats = load_or_compute(data, base.model.base_model, base.model.max_seq_length,
+                            as_numpy=True, progress=False)
+    _, splits, feats = with_corpus_pairs(base, data, splits, feats)
+
+    def unit(a):
+        a = np.asarray(a, np.float64)
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    docs = unit(feats.doc_features)
+    fit = sorted(splits["fit"])
+    x = unit(feats.queries(fit))
+    y = docs[[feats.doc_row[next(iter(splits["fit"][q]))] for q in fit]]
+
+    def ndcg(w, t: float, split: str) -> dict[str, float]:
+        ids = sorted(splits[split])
+        q = unit(feats.queries(ids))
+        if w is not None:
+            q = (1 - t) * q + t * unit(q @ w)
+        scores = unit(q) @ docs.T
+        top = np.argsort(-scores, axis=1)[:, :100]
+        run = {qid: {feats.doc_ids[j]: float(scores[i, j]) for j in top[i]}
+               for i, qid in enumerate(ids)}
+        return per_query_metrics(run, splits[split])["ndcg_at_10"]
+
+    grid = []
+    for alpha in RIDGE_ALPHAS:
+        w = ridge_to_identity(x, y, alpha)
+        for t in BLENDS:
+            dev, test = ndcg(w, t, "dev"), ndcg(w, t, "test")
+            grid.append({"alpha": alpha, "blend": t, "dev": _mean(list(dev.values())),
+                         "test": _mean(list(test.values())), "test_per_query": test})
+    chosen = max(grid, key=lambda g: g["dev"])
+    zero_dev = _mean(list(ndcg(None, 0.0, "dev").values()))
+    return {"pairs": len(fit), "chosen": {k: v for k, v in chosen.items()},
+            "zero_shot_dev": zero_dev,
+            "grid": [{k: v for k, v in g.items() if k != "test_per_query"} for g in grid]}
 
 
 def start_point(data: str):
@@ -77,6 +153,9 @@ def measure(data: str, seeds: list[int], work: Path, epochs: int | None = None) 
             **{k: [r["test"].get(k) for r in rs] for k in
                ("test_ndcg_at_10", "test_seen_ndcg_at_10", "test_unseen_ndcg_at_10")}}
     out["zero_shot"] = refs["rows"]["zero_shot"]
+    exact = closed_form(base)
+    chosen["linear L_pred, exact"] = [exact["chosen"].pop("test_per_query")]
+    out["closed_form"] = exact
     for subset in ("all", "seen", "unseen"):
         ids = sorted(zero) if subset == "all" else sorted(subsets[subset])
         if not ids:
@@ -84,14 +163,21 @@ def measure(data: str, seeds: list[int], work: Path, epochs: int | None = None) 
         lp, _ = per_query_matrix(chosen["L_pred alone"], ids)
         nce, _ = per_query_matrix(chosen["InfoNCE alone"], ids)
         zs = np.asarray([[zero[q] for q in ids]])
+        exact, _ = per_query_matrix(chosen["linear L_pred, exact"], ids)
         rows = compare_all({"L_pred alone vs zero-shot": (lp, zs),
                             "InfoNCE alone vs zero-shot": (nce, zs),
-                            "L_pred alone vs InfoNCE alone": (lp, nce)},
+                            "L_pred alone vs InfoNCE alone": (lp, nce),
+                            "linear L_pred, exact vs zero-shot": (exact, zs)},
                            family=f"no-label ablation ({subset})",
                            paired={"L_pred alone vs zero-shot": False,
                                    "InfoNCE alone vs zero-shot": False,
-                                   "L_pred alone vs InfoNCE alone": True})
+                                   "L_pred alone vs InfoNCE alone": True,
+                                   "linear L_pred, exact vs zero-shot": True})
         out["comparisons"][subset] = [{**c.to_dict(), "queries": len(ids)} for c in rows]
+    per_query = chosen["linear L_pred, exact"][0]
+    out["closed_form_subsets"] = [
+        _mean([per_query[q] for q in (sorted(zero) if s == "all" else subsets[s])])
+        for s in ("all", "seen", "unseen")]
     return out
 
 
@@ -117,11 +203,20 @@ def main() -> None:
                                 ("test_ndcg_at_10", "test_seen_ndcg_at_10",
                                  "test_unseen_ndcg_at_10")],
                          f"{_mean(a['dev']):.4f}", a["best_epoch"], a["scoring"]])
+        e, subsets_ = m["closed_form"], m["closed_form_subsets"]
+        rows.append(["linear L_pred, exact", *[f"{v:.4f}" for v in subsets_],
+                     f"{e['chosen']['dev']:.4f}", "-",
+                     f"α {e['chosen']['alpha']:g}, blend {e['chosen']['blend']:g}"])
         z = m["zero_shot"]
         rows.append(["zero-shot", *[f"{z.get(k, float('nan')):.4f}" for k in
                                     ("test_ndcg_at_10", "test_seen_ndcg_at_10",
                                      "test_unseen_ndcg_at_10")], "", "", ""])
         print(table(["system", "all", "seen", "unseen", "dev", "best epochs", "scoring"], rows))
+        print(f"figure 13b grid ({e['pairs']} corpus pairs; zero-shot dev "
+              f"{e['zero_shot_dev']:.4f}): every α and blend, test reported only")
+        print(table(["α", "blend", "dev", "test"],
+                    [[f"{g['alpha']:g}", f"{g['blend']:g}", f"{g['dev']:.4f}",
+                      f"{g['test']:.4f}"] for g in e["grid"]]))
         for subset, comps in m["comparisons"].items():
             print(table([f"{subset} ({comps[0]['queries']} queries)", "diff (points)",
                          "adjusted CI", "verdict"],

@@ -128,3 +128,40 @@ def test_a_no_label_study_end_to_end(tmp_path, small_beir):
         assert RunConfig.from_yaml(trial / "best" / "config.yaml").data.pairs == "corpus"
     test = summary["best"]["test (reported only)"]
     assert test["test_n_seen"] + test["test_n_unseen"] == 30
+
+
+def test_the_exact_linear_predictor_is_least_squares_pulled_to_the_identity():
+    """Figure 13b's solver: on pairs made by a known map it recovers the map when the pull is
+    weak, gives the identity when it is strong, and minimises its own objective."""
+    import numpy as np
+
+    from benchmarks.bench_no_labels import ridge_to_identity
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8))
+    m = rng.normal(size=(8, 8))
+    assert np.allclose(ridge_to_identity(x, x @ m, 1e-9), m, atol=1e-6)
+    assert np.allclose(ridge_to_identity(x, x @ m, 1e12), np.eye(8), atol=1e-6)
+    y = x @ m + rng.normal(size=(400, 8))
+    w = ridge_to_identity(x, y, 5.0)
+
+    def objective(v):
+        return ((x @ v - y) ** 2).sum() + 5.0 * ((v - np.eye(8)) ** 2).sum()
+
+    for _ in range(5):  # any step away from the solution costs more
+        assert objective(w) < objective(w + 1e-3 * rng.normal(size=(8, 8)))
+
+
+def test_the_exact_linear_predictor_is_chosen_on_dev(small_beir):
+    """Figure 13b picks its α and blend by dev alone and scores every test query once."""
+    from benchmarks.bench_no_labels import BLENDS, RIDGE_ALPHAS, closed_form
+    from trainables.data import load_beir
+
+    out = closed_form(_cfg(small_beir))
+    assert len(out["grid"]) == len(RIDGE_ALPHAS) * len(BLENDS)
+    assert out["chosen"]["dev"] == max(g["dev"] for g in out["grid"])
+    judged = {q for q, docs in load_beir(small_beir).qrels["test"].items()
+              if any(rel > 0 for rel in docs.values())}
+    assert set(out["chosen"]["test_per_query"]) == judged
+    assert out["pairs"] == len(make_corpus_pairs(load_beir(small_beir).corpus,
+                                                 CorpusPairSettings()))
