@@ -62,24 +62,19 @@ def ridge_to_identity(x, y, alpha: float):
 
 
 def closed_form(base) -> dict:
-    """Figure 13b on ``base``'s data and corpus pairs: the exact linear L_pred predictor,
-    α and blend chosen on dev; per-query test nDCG@10 of the chosen one, and the grid."""
-    import numpy as np
+    """Figure 13b on ``base``'s data and corpus pairs (``trainables.loop.prepare``, as a run
+    gets them): the exact linear L_pred predictor, α and blend chosen on dev, scored by the
+    runs' own search (``retrieval_per_query``); per-query test nDCG@10 of the chosen one,
+    and the grid."""
+    import torch
 
-    from trainables.cache import load_or_compute
-    from trainables.data import load_beir, split_for
-    from trainables.evaluate import per_query_metrics
-    from trainables.loop import with_corpus_pairs
+    from trainables.evaluate import retrieval_per_query
+    from trainables.loop import prepare
 
-    data = load_beir(base.data.path)
-    splits = split_for(data, base.data)
-    feats = load_or_compute(data, base.model.base_model, base.model.max_seq_length,
-                            as_numpy=True, progress=False)
-    _, splits, feats = with_corpus_pairs(base, data, splits, feats)
+    _, splits, feats = prepare(base, progress=False, device=torch.device("cpu"))
 
     def unit(a):
-        a = np.asarray(a, np.float64)
-        return a / np.linalg.norm(a, axis=1, keepdims=True)
+        return torch.nn.functional.normalize(a.double(), dim=1)
 
     docs = unit(feats.doc_features)
     fit = sorted(splits["fit"])
@@ -91,23 +86,19 @@ def closed_form(base) -> dict:
         q = unit(feats.queries(ids))
         if w is not None:
             q = (1 - t) * q + t * unit(q @ w)
-        scores = unit(q) @ docs.T
-        top = np.argsort(-scores, axis=1)[:, :100]
-        run = {qid: {feats.doc_ids[j]: float(scores[i, j]) for j in top[i]}
-               for i, qid in enumerate(ids)}
-        return per_query_metrics(run, splits[split])["ndcg_at_10"]
+        return retrieval_per_query(ids, q.float(), feats.doc_ids, docs.float(),
+                                   splits[split])["ndcg_at_10"]
 
     grid = []
     for alpha in RIDGE_ALPHAS:
-        w = ridge_to_identity(x, y, alpha)
+        w = torch.from_numpy(ridge_to_identity(x.numpy(), y.numpy(), alpha))
         for t in BLENDS:
             dev, test = ndcg(w, t, "dev"), ndcg(w, t, "test")
             grid.append({"alpha": alpha, "blend": t, "dev": _mean(list(dev.values())),
                          "test": _mean(list(test.values())), "test_per_query": test})
     chosen = max(grid, key=lambda g: g["dev"])
     zero_dev = _mean(list(ndcg(None, 0.0, "dev").values()))
-    return {"pairs": len(fit), "chosen": {k: v for k, v in chosen.items()},
-            "zero_shot_dev": zero_dev,
+    return {"pairs": len(fit), "chosen": dict(chosen), "zero_shot_dev": zero_dev,
             "grid": [{k: v for k, v in g.items() if k != "test_per_query"} for g in grid]}
 
 

@@ -189,8 +189,8 @@ class JEPAModel(nn.Module):
 
         Everything goes through this one call so that DDP sees a single forward. Without
         ``predict`` (a phase whose λ_pred is 0) the predictors are not run: their output
-        would enter no loss term, and with a 1,024-d bidirectional head they cost about a
-        third of a frozen-base step (``benchmarks/RESULTS.md``, section 10).
+        would enter no loss term, and with a 1,024-d bidirectional head they are most of a
+        frozen-base step (2-3x its cost: ``benchmarks/RESULTS.md``, figure 5b).
         """
         q = self.encode_queries(queries)
         d = self.encode_docs(docs)
