@@ -82,16 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
         parts = sides[name].run(epoch, steps, net=forced if name == "run" else None)
         losses[name].append(parts["loss"])
 
-    for name in sides:  # warm-up: one step each
+    for name in sides:  # warm-up: one repetition each, on epoch 0
         common.timed(lambda: one(name, 0), device)
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for r in range(reps):
-        names = list(sides) if r % 2 == 0 else list(sides)[::-1]
-        for name in names:
-            seconds, _ = common.timed(lambda: one(name, r + 1), device)
-            times[name].append(seconds)
-            print(f"  rep {r + 1}/{reps}  {name:<8s} {seconds:7.3f} s  "
-                  f"{steps / seconds:6.2f} steps/s", flush=True)
+    epochs = {k: 0 for k in sides}  # repetition r of either side steps through epoch r
+
+    def next_epoch(name: str) -> None:
+        epochs[name] += 1
+        one(name, epochs[name])
+
+    times = common.alternate({k: (lambda k=k: next_epoch(k)) for k in sides}, reps, device)
     result = {
         "figure": "5b", "name": "heads", "quick": args.quick, "machine": info,
         "config": {"data": str(data.root), "steps": steps, "reps": reps,
