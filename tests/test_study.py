@@ -145,6 +145,23 @@ def test_invalid_space_fails_before_ray(tmp_path, scifact_dir):
     assert not (tmp_path / "studies").exists()
 
 
+def test_checks_before_ray_import_no_view(tmp_path, scifact_dir):
+    """``Study.create`` (every check made before Ray starts) of a study with a local store and
+    no warm start imports neither MLflow nor the report's matplotlib nor Ray: ~2 s on the
+    launch's path (benchmark figure 1); the store is opened while Ray starts."""
+    space = tiny_space(tmp_path, "light")
+    code = ("import json, sys; from study import Study, StudyOptions; "
+            f"Study.create(StudyOptions(space={str(space)!r}, data={str(scifact_dir)!r}, "
+            f"storage={str(tmp_path / 'studies')!r})); print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    modules = set(json.loads(out.stdout.splitlines()[-1]))
+    assert "search_spaces.space" in modules  # the space was checked...
+    assert not {"mlflow", "matplotlib", "ray", "analysis.export"} & modules  # ... lightly
+    assert (tmp_path / "studies" / "light" / "study.json").exists()
+
+
 def test_unreachable_tracking_server_fails_before_ray(tmp_path, scifact_dir):
     space = tiny_space(tmp_path, "noserver")
     uri = f"http://127.0.0.1:{free_port()}"
