@@ -177,7 +177,7 @@ class Study:
                                  "writable directory (--mlflow-uri)")
             if db is None:
                 study.tracker()
-            first = options.warm_start and _warm_start(options.warm_start, path / "warm_start")
+            first = _warm_start(options.warm_start, path / "warm_start")
             study.space = space.with_first(first) if first else space
         except BaseException:
             if created:  # nothing was started: leave nothing behind
@@ -404,8 +404,10 @@ def _scored(path: Path, key: str) -> dict[str, Any] | None:
 
 def _warm_start(sources: list[str], scratch: Path) -> list[dict[str, Any]]:
     """Run-config dicts to evaluate first: the best trials of study directories, or exported
-    YAML files / directories of them (importing ``analysis.export`` costs ~2 s of MLflow and
-    matplotlib before Ray starts: only when there are some)."""
+    YAML files / directories of them. ``analysis.export`` (~2 s of MLflow and matplotlib
+    before Ray starts) is imported only when there are some."""
+    if not sources:
+        return []
     from analysis.export import export_configs, load_warm_start
 
     configs = []

@@ -119,21 +119,26 @@ def _count(monkeypatch, module, name: str) -> list:
     return calls
 
 
+def _in_fresh_interpreter(code: str, timeout: float = 60) -> tuple[str, set[str]]:
+    """Runs ``code`` in a new Python process; returns what it printed and every module it
+    imported."""
+    code += "; import json, sys; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    printed, _, modules = out.stdout.rstrip("\n").rpartition("\n")
+    return printed, set(json.loads(modules))
+
+
 def _status_command(study_dir: Path) -> dict:
     """``jepa-study status`` in a fresh interpreter: on a finished study it reads the study's
     files only: neither the space nor Optuna nor any other heavy package is imported (its
     time is benchmark figure 12's, ``benchmarks/bench_study.py --figures 12``)."""
-    code = ("import json, sys; from study.cli import main; "
-            f"main(['status', {str(study_dir)!r}]); "
-            "print(json.dumps({'modules': sorted(sys.modules)}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr
-    start = out.stdout.rindex("\n{")
-    status, timing = json.loads(out.stdout[:start]), json.loads(out.stdout[start:])
+    printed, modules = _in_fresh_interpreter(
+        f"from study.cli import main; main(['status', {str(study_dir)!r}])")
     heavy = {"optuna", "search_spaces.space", "pydantic", "ray", "mlflow", "torch"}
-    assert not heavy & set(timing["modules"]), heavy & set(timing["modules"])
-    return status
+    assert not heavy & modules, heavy & modules
+    return json.loads(printed)
 
 
 def test_invalid_space_fails_before_ray(tmp_path, scifact_dir):
@@ -150,13 +155,10 @@ def test_checks_before_ray_import_no_view(tmp_path, scifact_dir):
     no warm start imports neither MLflow nor the report's matplotlib nor Ray: ~2 s on the
     launch's path (benchmark figure 1); the store is opened while Ray starts."""
     space = tiny_space(tmp_path, "light")
-    code = ("import json, sys; from study import Study, StudyOptions; "
-            f"Study.create(StudyOptions(space={str(space)!r}, data={str(scifact_dir)!r}, "
-            f"storage={str(tmp_path / 'studies')!r})); print(json.dumps(sorted(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr
-    modules = set(json.loads(out.stdout.splitlines()[-1]))
+    _, modules = _in_fresh_interpreter(
+        "from study import Study, StudyOptions; "
+        f"Study.create(StudyOptions(space={str(space)!r}, data={str(scifact_dir)!r}, "
+        f"storage={str(tmp_path / 'studies')!r}))", timeout=120)
     assert "search_spaces.space" in modules  # the space was checked...
     assert not {"mlflow", "matplotlib", "ray", "analysis.export"} & modules  # ... lightly
     assert (tmp_path / "studies" / "light" / "study.json").exists()
