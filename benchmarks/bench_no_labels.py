@@ -154,11 +154,11 @@ def measure(data: str, seeds: list[int], work: Path, epochs: int | None = None) 
         lp, _ = per_query_matrix(chosen["L_pred alone"], ids)
         nce, _ = per_query_matrix(chosen["InfoNCE alone"], ids)
         zs = np.asarray([[zero[q] for q in ids]])
-        exact, _ = per_query_matrix(chosen["linear L_pred, exact"], ids)
+        linear, _ = per_query_matrix(chosen["linear L_pred, exact"], ids)
         rows = compare_all({"L_pred alone vs zero-shot": (lp, zs),
                             "InfoNCE alone vs zero-shot": (nce, zs),
                             "L_pred alone vs InfoNCE alone": (lp, nce),
-                            "linear L_pred, exact vs zero-shot": (exact, zs)},
+                            "linear L_pred, exact vs zero-shot": (linear, zs)},
                            family=f"no-label ablation ({subset})",
                            paired={"L_pred alone vs zero-shot": False,
                                    "InfoNCE alone vs zero-shot": False,
