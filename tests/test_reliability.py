@@ -427,6 +427,32 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
     assert not _missing_from_view(uri, study_dir, name)
 
 
+def test_resume_puts_back_tune_state_the_killed_driver_cut_short(tmp_path, scifact_dir,
+                                                                scifact_features, caplog):
+    """Tune copies its state into the study file by file, not atomically: a driver killed
+    mid-copy left ``experiment_state-*.json`` and ``search_gen_state-*.json`` empty (seen in
+    ``test_driver_killed_study_resumes``), and ``resume`` failed reading them. ``resume`` puts
+    back the whole staging copies the killed session left in Ray's session directory."""
+    from study.launcher import launch, resume
+
+    name = "cut"
+    space = tiny_space(tmp_path, name, num_samples=2, epochs=1, steps=2)
+    study_dir = tmp_path / "studies" / name
+    launch(_opts(space, tmp_path / "studies", scifact_dir))
+    experiment = study_dir / "ray" / name
+    (state,) = experiment.glob("experiment_state-*.json")
+    (generator,) = experiment.glob("search_gen_state-*.json")
+    state.write_bytes(b"")
+    generator.write_bytes(generator.read_bytes()[:40])
+
+    caplog.set_level(logging.WARNING, logger="study.launcher")
+    summary = resume(study_dir)
+    assert summary["trials"] == 2 and summary["errored"] == 0, summary
+    assert len(json.loads(state.read_text())["trial_data"]) == 2
+    assert any(state.name in r.getMessage() and generator.name in r.getMessage()
+               for r in caplog.records if r.name == "study.launcher")
+
+
 def test_seeded_searcher_never_repeats_a_lost_suggestion(tmp_path):
     """Scenario 11 without the timing luck: what Tune does to the searcher around a driver
     killed after a suggestion and before its next state save, with a real Optuna storage."""
