@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -60,14 +59,14 @@ def run(study: Study, *, resume: bool) -> dict[str, Any]:
     with study.driver_lock():
         _open_while_ray_starts(study, owns_ray)
         from study.scoring import references, score
-        from study.sync import open_study, read_trials, sync
+        from study.sync import open_study, read_trials, repair_tune_state, sync
         from study.tuner import fit, make_tuner
 
         ending: tuple[str, str | None] = (S.STATUS_FAILED, "driver failed")
         trials = None
         try:
             if resume:
-                _repair_tune_state(study)
+                repair_tune_state(study.experiment_dir)
                 orphans = sync(study, live=False).orphaned
                 if orphans:
                     log.warning("runs of trials %s were left RUNNING by a driver that was "
@@ -116,63 +115,6 @@ def _quietly(what: str, scoring: Callable[..., Any], study: Study, **kwargs: Any
     except Exception as exc:  # noqa: BLE001 - never fail the study
         log.warning("scoring %s of %s on test failed (%s: %s); run `jepa-study test %s`", what,
                     study.dir, type(exc).__name__, exc, study.dir)
-
-
-#: Tune's experiment-level state files in its experiment directory, and how each is written
-#: (``search_gen_state-*.json`` is a pickle, whatever its name says)
-TUNE_STATE_FILES = {"experiment_state-*.json": "json", "search_gen_state-*.json": "pickle",
-                    "searcher-state-*.pkl": "pickle", "callback-states-*.pkl": "pickle"}
-
-
-def _repair_tune_state(study: Study) -> list[str]:
-    """Puts back the Tune state files a killed driver left unreadable; returns their names.
-
-    Tune writes its state into the driver's staging directory, inside Ray's session directory,
-    then copies it into the study on a thread, file by file and not atomically: a driver killed
-    during the copy leaves ``experiment_state-*.json`` (and the searcher's files) empty or cut
-    short, and neither ``sync`` nor ``Tuner.restore`` can read the study any more. The staging
-    copy, whole before the copy began, is still in the killed session's directory on this
-    machine (Ray's sessions sit side by side): the newest readable one is put back, atomically.
-    Needs Ray started; a damaged file with no readable staging copy is left to fail as before.
-    """
-    from ray._private import worker  # pinned: ray>=2.60,<2.61
-
-    sessions = Path(worker._global_node.get_session_dir_path()).parent
-    repaired = []
-    for pattern, kind in TUNE_STATE_FILES.items():
-        for path in study.experiment_dir.glob(pattern):
-            if _whole(path, kind):
-                continue
-            staged = sorted(sessions.glob(f"session_*/artifacts/*/{study.name}/driver_artifacts/"
-                                          f"{path.name}"), key=lambda p: p.stat().st_mtime)
-            good = next((p for p in reversed(staged) if _whole(p, kind)), None)
-            if good is not None:
-                tmp = path.with_name(f".{path.name}.repair")
-                shutil.copyfile(good, tmp)
-                tmp.replace(path)
-                repaired.append(path.name)
-    if repaired:
-        log.warning("Tune's state files %s in %s were cut short by the killed driver: put back "
-                    "from its staging copies", repaired, study.experiment_dir)
-    return repaired
-
-
-def _whole(path: Path, kind: str) -> bool:
-    """Whether a Tune state file is whole: JSON that parses, or a pickle whose opcodes run to
-    its STOP (read, not executed: unpickling the searcher would open its storage)."""
-    import pickletools
-
-    try:
-        data = path.read_bytes()
-        if kind == "json":
-            json.loads(data)
-        else:
-            *_, (last, _, _) = pickletools.genops(data)
-            if last.name != "STOP":
-                return False
-        return True
-    except Exception:  # noqa: BLE001 - cut short, empty, or not there
-        return False
 
 
 def _open_while_ray_starts(study: Study, owns_ray: bool = True) -> None:

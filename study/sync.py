@@ -11,8 +11,10 @@ row by row (see ``docs/record.md`` for why, and for the whole design).
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,10 +24,11 @@ from typing import Any, Callable
 from mlflow.entities import Metric
 
 from analysis import schema as S
-from study.study import Study
+from study.study import Study, StudyError
 from study.tracking import StudyTracker, TrackedRun, metric_entries
 from study.trial import trial_dir
 
+log = logging.getLogger(__name__)
 #: Tune's statuses of a trial that has ended, as MLflow run statuses
 ENDED = {"TERMINATED": S.STATUS_FINISHED, "ERROR": S.STATUS_FAILED}
 #: Tune's bookkeeping in a result, besides Ray's ``AUTO_RESULT_KEYS``: not metrics
@@ -71,7 +74,7 @@ def read_trials(experiment: Path) -> list[TrialRecord]:
     """Every trial of the Tune experiment in ``experiment``: those in Tune's saved state, then
     those that reported before Tune first saved them, read from their directories alone."""
     trials: dict[str, TrialRecord] = {}
-    if any(experiment.glob("experiment_state-*.json")):
+    if any(experiment.glob(STATE_FILE)):
         for t in _analysis(experiment).trials:
             trials[t.trial_id] = TrialRecord(
                 t.trial_id, str(t), t.status, dict(t.config or {}), _results(Path(t.path)),
@@ -87,16 +90,95 @@ def read_trials(experiment: Path) -> list[TrialRecord]:
 
 
 def _analysis(experiment: Path, attempts: int = 5):
-    """Tune's ``ExperimentAnalysis``, tried again while a live driver copies a state file."""
+    """Tune's ``ExperimentAnalysis``, tried again while a live driver copies a state file; a
+    state file still unreadable after that is put back (:func:`repair_tune_state`) or named."""
     from ray.tune import ExperimentAnalysis
 
     for attempt in range(attempts):
         try:
             return ExperimentAnalysis(str(experiment))
         except Exception:  # noqa: BLE001 - re-raised on the last attempt
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5)
+            if attempt < attempts - 1:
+                time.sleep(0.5)
+            elif repair_tune_state(experiment):
+                return ExperimentAnalysis(str(experiment))
+            else:
+                newest = max(experiment.glob(STATE_FILE))  # the one Tune reads
+                if _whole(newest, "json"):
+                    raise
+                raise StudyError(
+                    f"Tune's state file {newest} is cut short (its driver was killed while "
+                    f"Tune copied it) and no whole copy of it is left under {_ray_temp()} "
+                    "on this machine; once it is deleted, the study is read from the state "
+                    "file Tune saved before it, or from each trial's result.json") from None
+
+
+#: Tune's experiment-level state files, and how each is written (``search_gen_state-*.json``
+#: is a pickle, whatever its name says)
+STATE_FILE = "experiment_state-*.json"
+TUNE_STATE_FILES = {STATE_FILE: "json", "search_gen_state-*.json": "pickle",
+                    "searcher-state-*.pkl": "pickle", "callback-states-*.pkl": "pickle"}
+
+
+def repair_tune_state(experiment: Path) -> list[str]:
+    """Puts back the Tune state files a killed driver left unreadable; returns their names.
+
+    Tune writes its state into the driver's staging directory, inside Ray's session directory,
+    then copies it into the study on a thread, file by file and not atomically: a driver killed
+    during the copy leaves ``experiment_state-*.json`` (and the searcher's files) empty or cut
+    short, and neither ``sync`` nor ``Tuner.restore`` can read the study any more. The staging
+    copy, whole before the copy began, is still in the killed session's directory on this
+    machine (Ray's sessions sit side by side): the newest readable one is put back, atomically.
+    A damaged file with no readable staging copy is left as it is.
+    """
+    sessions = _ray_temp()
+    repaired = []
+    for pattern, kind in TUNE_STATE_FILES.items():
+        for path in experiment.glob(pattern):
+            if _whole(path, kind):
+                continue
+            staged = sorted(sessions.glob(f"session_*/artifacts/*/{experiment.name}/"
+                                          f"driver_artifacts/{path.name}"),
+                            key=lambda p: p.stat().st_mtime)
+            good = next((p for p in reversed(staged) if _whole(p, kind)), None)
+            if good is not None:
+                tmp = path.with_name(f".{path.name}.repair")
+                shutil.copyfile(good, tmp)
+                tmp.replace(path)
+                repaired.append(path.name)
+    if repaired:
+        log.warning("Tune's state files %s in %s were cut short by a killed driver: put back "
+                    "from its staging copies", repaired, experiment)
+    return repaired
+
+
+def _ray_temp() -> Path:
+    """Where Ray keeps its sessions on this machine: the running one's, else Ray's default
+    (``$RAY_TMPDIR/ray``, ``/tmp/ray``)."""
+    from ray._common.utils import get_default_ray_temp_dir  # pinned: ray>=2.60,<2.61
+    from ray._private import worker
+
+    node = worker._global_node
+    return Path(node.get_session_dir_path()).parent if node is not None \
+        else Path(get_default_ray_temp_dir())
+
+
+def _whole(path: Path, kind: str) -> bool:
+    """Whether a Tune state file is whole: JSON that parses, or a pickle whose opcodes run to
+    its STOP (read, not executed: unpickling the searcher would open its storage)."""
+    import pickletools
+
+    try:
+        data = path.read_bytes()
+        if kind == "json":
+            json.loads(data)
+        else:
+            *_, (last, _, _) = pickletools.genops(data)
+            if last.name != "STOP":
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - cut short, empty, or not there
+        return False
 
 
 def _results(trial_path: Path) -> list[dict[str, Any]]:

@@ -427,13 +427,19 @@ def test_driver_killed_study_resumes(tmp_path, scifact_dir, scifact_features, ml
     assert not _missing_from_view(uri, study_dir, name)
 
 
-def test_resume_puts_back_tune_state_the_killed_driver_cut_short(tmp_path, scifact_dir,
-                                                                scifact_features, caplog):
+def test_commands_put_back_tune_state_the_killed_driver_cut_short(tmp_path, scifact_dir,
+                                                                 scifact_features, caplog,
+                                                                 monkeypatch):
     """Tune copies its state into the study file by file, not atomically: a driver killed
     mid-copy left ``experiment_state-*.json`` and ``search_gen_state-*.json`` empty (seen in
-    ``test_driver_killed_study_resumes``), and ``resume`` failed reading them. ``resume`` puts
-    back the whole staging copies the killed session left in Ray's session directory."""
+    ``test_driver_killed_study_resumes``), and every command failed reading them. ``sync``
+    (and the other commands that read the record, with no Ray started) and ``resume`` put
+    back the whole staging copies the killed session left in Ray's temp directory; with none
+    left, the error names the file, and once it is deleted the trials are read from their own
+    result files."""
     from study.launcher import launch, resume
+    from study.study import Study, StudyError
+    from study.sync import read_trials, sync
 
     name = "cut"
     space = tiny_space(tmp_path, name, num_samples=2, epochs=1, steps=2)
@@ -442,15 +448,39 @@ def test_resume_puts_back_tune_state_the_killed_driver_cut_short(tmp_path, scifa
     experiment = study_dir / "ray" / name
     (state,) = experiment.glob("experiment_state-*.json")
     (generator,) = experiment.glob("search_gen_state-*.json")
-    state.write_bytes(b"")
-    generator.write_bytes(generator.read_bytes()[:40])
+    whole = generator.read_bytes()
 
-    caplog.set_level(logging.WARNING, logger="study.launcher")
+    def cut() -> None:
+        state.write_bytes(b"")
+        generator.write_bytes(whole[:40])
+
+    caplog.set_level(logging.WARNING)
+    cut()
+    assert not ray.is_initialized()
+    assert sync(Study.open(study_dir)).trials == 2  # no Ray started: Ray's default temp dir
+    assert len(json.loads(state.read_text())["trial_data"]) == 2
+    assert generator.read_bytes() == whole
+
+    cut()
+    caplog.clear()
     summary = resume(study_dir)
     assert summary["trials"] == 2 and summary["errored"] == 0, summary
     assert len(json.loads(state.read_text())["trial_data"]) == 2
     assert any(state.name in r.getMessage() and generator.name in r.getMessage()
-               for r in caplog.records if r.name == "study.launcher")
+               for r in caplog.records if r.name == "study.sync")
+
+    # another machine, or Ray's temp directory cleaned: no staging copy to put back
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "elsewhere"))
+    state = max(experiment.glob("experiment_state-*.json"))  # resume saved new ones
+    generator = max(experiment.glob("search_gen_state-*.json"))
+    cut()
+    with pytest.raises(StudyError, match=f"{state.name} is cut short.*no whole copy"):
+        sync(Study.open(study_dir))
+    for saved in experiment.glob("experiment_state-*.json"):
+        saved.unlink()
+    trials = read_trials(experiment)
+    assert sorted(len(t.results) for t in trials) == [1, 1]
+    assert sync(Study.open(study_dir)).trials == 2
 
 
 def test_seeded_searcher_never_repeats_a_lost_suggestion(tmp_path):
