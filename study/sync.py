@@ -103,8 +103,8 @@ def _analysis(experiment: Path, attempts: int = 5):
             elif repair_tune_state(experiment):
                 return ExperimentAnalysis(str(experiment))
             else:
-                newest = max(experiment.glob(STATE_FILE))  # the one Tune reads
-                if _whole(newest, "json"):
+                newest = max(experiment.glob(STATE_FILE), default=None)  # the one Tune reads
+                if newest is None or _whole(newest, "json"):
                     raise
                 raise StudyError(
                     f"Tune's state file {newest} is cut short (its driver was killed while "
