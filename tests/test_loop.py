@@ -100,6 +100,26 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, scifact_dir, scifact,
     assert checkpoint_dirs(tmp_path)[0].name == "epoch_0003"
 
 
+def test_a_run_whose_checkpoints_were_deleted_writes_no_more(tmp_path, scifact_dir, scifact,
+                                                              scifact_features):
+    """A Train worker of a trial Tune stopped trains on until its group is removed, after the
+    study deleted the trial's checkpoints: it must not make the directory again and leave a
+    copy behind (seen: ``epoch_0003.tmp`` after a study's end)."""
+    cfg = _cfg(scifact_dir, **{"train.epochs": 3, "train.max_steps_per_epoch": 2})
+    gone = tmp_path / "checkpoints"
+
+    def delete_after_first(metrics, checkpoint_dir):
+        if metrics["epoch"] == 1:
+            import shutil
+
+            shutil.rmtree(gone)
+
+    with pytest.raises(FileNotFoundError, match=r"checkpoints is gone.*epoch 2 is not saved"):
+        train(cfg, out_dir=tmp_path, data=scifact, features=scifact_features,
+              callback=delete_after_first, progress=False, checkpoint_interval_s=0)
+    assert not gone.exists()
+
+
 def test_phases_train_what_they_name(tmp_path, scifact_dir, scifact, scifact_features):
     cfg = RunConfig.from_dict({
         "data": {"path": str(scifact_dir)},

@@ -195,10 +195,19 @@ def latest_valid_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]] | None
 
 
 def save_checkpoint(out_dir: Path, epoch: int, state: dict[str, Any], cfg: RunConfig) -> Path:
+    """Writes epoch ``epoch``'s checkpoint into the run's ``checkpoints`` directory, which
+    :func:`train` made at its start and is never made again: once it is gone, the run was
+    ended from outside and its checkpoints deleted (a Ray Train worker of a trial Tune
+    stopped trains on until its group is removed), and a copy written now would be left
+    behind. Raises ``FileNotFoundError`` instead."""
     final = out_dir / "checkpoints" / f"epoch_{epoch:04d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{final.parent} is gone: this run was ended and its "
+                                f"checkpoints deleted; epoch {epoch} is not saved") from None
     torch.save(state, tmp / "state.pt")
     cfg.to_yaml(tmp / "config.yaml")
     shutil.rmtree(final, ignore_errors=True)
@@ -373,6 +382,8 @@ def train(cfg: RunConfig, *, out_dir: Path, callback: EpochCallback | None = Non
         if select.best and rank == 0 and (kept is None or kept[1]["epoch"] != select.best["epoch"]):
             save_best(out_dir, select.best, cfg)  # the kept weights follow the checkpoint
     ended = bool(state and state.get("ended"))
+    if rank == 0:  # the only one that writes checkpoints: made here, never again
+        (out_dir / "checkpoints").mkdir(exist_ok=True)
 
     # -- PHASES
     epoch = 0
