@@ -165,3 +165,26 @@ def test_local_node_names_stop_ray_uses():
     assert "self.head = head" in init and "self.all_processes" in init
     # a process already gone (the monitor) is skipped, not waited for
     assert "process.poll() is not None" in inspect.getsource(node.Node._kill_process_impl)
+
+
+def test_where_tune_stages_its_state(monkeypatch):
+    """``study.sync.repair_tune_state`` finds the whole staging copy of a state file a killed
+    driver cut short at ``<Ray temp>/session_*/artifacts/<timestamp>/<experiment>/
+    driver_artifacts/<file>``, Ray's temp directory being the running node's or, with no Ray
+    started, Ray's default (``$RAY_TMPDIR/ray``) (end to end: tests/test_reliability.py::
+    test_commands_put_back_tune_state_the_killed_driver_cut_short)."""
+    import inspect
+
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray._private import node
+    from ray.train import constants
+    from ray.train._internal.storage import StorageContext
+
+    monkeypatch.setenv("RAY_TMPDIR", "/somewhere")
+    assert get_default_ray_temp_dir() == "/somewhere/ray"
+    assert callable(node.Node.get_session_dir_path)
+    assert '"artifacts"' in inspect.getsource(constants._get_ray_train_session_dir)
+    session = inspect.getsource(StorageContext._get_session_path)
+    assert "_get_ray_train_session_dir(), self._timestamp, self.experiment_dir_name" in session
+    staging = inspect.getsource(StorageContext.experiment_driver_staging_path.fget)
+    assert '"driver_artifacts"' in staging
