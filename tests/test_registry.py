@@ -89,8 +89,10 @@ def test_log_register_and_load_back(tracking_uri, exports, tmp_path, monkeypatch
     stored = client.get_model_version(name, "1")
     assert stored.tags == tags
     assert stored.run_id == run_id
+    for version_dir in ("v1", "v2"):  # MLflow downloads into an unmanaged temp dir otherwise
+        (tmp_path / version_dir).mkdir()
     with use_tracking_uri(tracking_uri):
-        loaded = mlflow.sentence_transformers.load_model(uri)
+        loaded = mlflow.sentence_transformers.load_model(uri, str(tmp_path / "v1"))
         info = mlflow.models.get_model_info(uri)
     assert "sentence_transformers" in info.flavors
     want_q, want_d = _vectors(SentenceTransformer(str(first)))
@@ -105,7 +107,7 @@ def test_log_register_and_load_back(tracking_uri, exports, tmp_path, monkeypatch
     assert client.get_model_version(name, "2").tags["trial"] == "t-0002"
     assert client.get_model_version(name, "1").tags["trial"] == "t-0001"
     with use_tracking_uri(tracking_uri):
-        loaded2 = mlflow.sentence_transformers.load_model(uri2)
+        loaded2 = mlflow.sentence_transformers.load_model(uri2, str(tmp_path / "v2"))
     assert loaded2.similarity_fn_name == "euclidean"
     assert (_vectors(loaded2)[0] - got_q).abs().max() > 1e-2
     # both logged models are outputs of the trial's run, in its experiment, and each

@@ -173,8 +173,10 @@ def test_export_model_from_the_kept_weights(small_study, tmp_path, scifact, scif
     client = MlflowClient(uri)
     version = client.get_model_version(name, "1")
     assert version.tags["trial"] == trial_id and version.tags["scoring"] == info["mode"]
+    (tmp_path / "loaded").mkdir()  # MLflow downloads into an unmanaged temp dir otherwise
     with use_tracking_uri(uri):
-        loaded = mlflow.sentence_transformers.load_model(f"models:/{name}/1")
+        loaded = mlflow.sentence_transformers.load_model(f"models:/{name}/1",
+                                                         str(tmp_path / "loaded"))
     again = loaded.encode_query([scifact.queries[q] for q in qids], convert_to_numpy=True)
     assert np.abs(again - got).max() <= 1e-5
     # no kept weights: a named error, nothing registered
