@@ -31,6 +31,11 @@ from study.trial import trial_dir
 log = logging.getLogger(__name__)
 #: Tune's statuses of a trial that has ended, as MLflow run statuses
 ENDED = {"TERMINATED": S.STATUS_FINISHED, "ERROR": S.STATUS_FAILED}
+#: Tune's experiment-level state files, and how each is written (``search_gen_state-*.json``
+#: is a pickle, whatever its name says)
+STATE_FILE = "experiment_state-*.json"
+TUNE_STATE_FILES = {STATE_FILE: "json", "search_gen_state-*.json": "pickle",
+                    "searcher-state-*.pkl": "pickle", "callback-states-*.pkl": "pickle"}
 #: Tune's bookkeeping in a result, besides Ray's ``AUTO_RESULT_KEYS``: not metrics
 _BOOKKEEPING = {"done", "trial_id", "epoch", "experiment_tag", "should_checkpoint"}
 
@@ -100,24 +105,18 @@ def _analysis(experiment: Path, attempts: int = 5):
         except Exception:  # noqa: BLE001 - re-raised on the last attempt
             if attempt < attempts - 1:
                 time.sleep(0.5)
-            elif repair_tune_state(experiment):
-                return ExperimentAnalysis(str(experiment))
-            else:
-                newest = max(experiment.glob(STATE_FILE), default=None)  # the one Tune reads
-                if newest is None or _whole(newest, "json"):
-                    raise
+                continue
+            newest = max(experiment.glob(STATE_FILE), default=None)  # the one Tune reads
+            if newest is None or _whole(newest, "json"):
+                raise
+            repair_tune_state(experiment)
+            if not _whole(newest, "json"):
                 raise StudyError(
                     f"Tune's state file {newest} is cut short (its driver was killed while "
                     f"Tune copied it) and no whole copy of it is left under {_ray_temp()} "
                     "on this machine; once it is deleted, the study is read from the state "
                     "file Tune saved before it, or from each trial's result.json") from None
-
-
-#: Tune's experiment-level state files, and how each is written (``search_gen_state-*.json``
-#: is a pickle, whatever its name says)
-STATE_FILE = "experiment_state-*.json"
-TUNE_STATE_FILES = {STATE_FILE: "json", "search_gen_state-*.json": "pickle",
-                    "searcher-state-*.pkl": "pickle", "callback-states-*.pkl": "pickle"}
+    return ExperimentAnalysis(str(experiment))
 
 
 def repair_tune_state(experiment: Path) -> list[str]:

@@ -196,7 +196,7 @@ def latest_valid_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]] | None
 
 def save_checkpoint(out_dir: Path, epoch: int, state: dict[str, Any], cfg: RunConfig) -> Path:
     """Writes epoch ``epoch``'s checkpoint into the run's ``checkpoints`` directory, which
-    :func:`train` made at its start and is never made again: once it is gone, the run was
+    :func:`train` made before its first epoch and is never made again: once it is gone, the run was
     ended from outside and its checkpoints deleted (a Ray Train worker of a trial Tune
     stopped trains on until its group is removed), and a copy written now would be left
     behind. Raises ``FileNotFoundError`` instead."""
